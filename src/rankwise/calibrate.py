@@ -1,0 +1,237 @@
+"""Calibration statistics, gathered by hooks in one pass and kept per target.
+
+- `input_gram`: X^T X of the layer's input over all calibration tokens, accumulated in float64
+  (each batch's product in float32, summed into the float64 total).
+  Layers that share an input tensor (q/k/v, gate/up) share one gram, computed once.
+- `fisher`: summed squared gradients of the LM loss w.r.t. each weight, one window at a time
+  (the empirical Fisher needs per-sample gradients, not the gradient of a batch).
+
+Statistics are plain tensors keyed by module name: saved as safetensors, reused across ratios.
+No activations are stored: memory is bounded by the grams.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rankwise.errors import CalibrationError, RankwiseError
+from rankwise.methods.base import LayerStats
+from rankwise.models import linear_weight
+
+Progress = Callable[[int], None]  # called with the number of windows just processed
+
+
+@dataclass
+class Statistics:
+    """Per-target calibration statistics, plus what produced them."""
+
+    layers: dict[str, LayerStats] = field(default_factory=dict)
+    meta: dict[str, object] = field(default_factory=dict)
+
+    def has(self, needs: Iterable[str], names: Iterable[str]) -> bool:
+        return all(
+            name in self.layers and getattr(self.layers[name], need) is not None
+            for name in names
+            for need in needs
+        )
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        index: dict[str, dict[str, object]] = {}
+        gram_keys: dict[int, str] = {}
+        for name, stats in self.layers.items():
+            entry: dict[str, object] = {"tokens": stats.tokens}
+            if stats.input_gram is not None:
+                key = gram_keys.setdefault(id(stats.input_gram), f"gram.{len(gram_keys)}")
+                tensors[key] = stats.input_gram.contiguous()
+                entry["input_gram"] = key
+            if stats.fisher is not None:
+                tensors[f"fisher.{name}"] = stats.fisher.contiguous()
+                entry["fisher"] = f"fisher.{name}"
+            index[name] = entry
+        metadata = {"index": json.dumps(index), "meta": json.dumps(self.meta)}
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Statistics:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise RankwiseError(f"statistics file not found: {path}")
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if "index" not in metadata:
+                raise RankwiseError(f"not a rankwise statistics file: {path}")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        layers = {}
+        for name, entry in json.loads(metadata["index"]).items():
+            layers[name] = LayerStats(
+                input_gram=tensors.get(entry.get("input_gram", "")),
+                tokens=int(entry["tokens"]),
+                fisher=tensors.get(entry.get("fisher", "")),
+            )
+        return cls(layers, json.loads(metadata.get("meta", "{}")))
+
+
+def gram_f32(x: torch.Tensor) -> torch.Tensor:
+    """X^T X of a (tokens, in) matrix in float32: (in, in).
+
+    torch's own GEMM: BLAS syrk would halve the flops, but its threads fight torch's OpenMP
+    threads between layers and it ran 2x slower inside the forward pass.
+    """
+    flat = x.detach().float()  # (tokens, in)
+    return flat.T @ flat
+
+
+class GramCollector:
+    """Forward pre-hooks that add each target's input gram; shared inputs counted once."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.names = names
+        self.grams: dict[str, torch.Tensor] = {}  # name -> (in, in) float64, shared objects
+        self.tokens: dict[str, int] = {}
+        self._seen: list[tuple[torch.Tensor, str]] = []  # inputs of the current batch
+        self._handles = [
+            model.get_submodule(name).register_forward_pre_hook(self._hook(name)) for name in names
+        ]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            for seen, owner in self._seen:
+                if seen is x:  # same tensor as an earlier target: share its gram
+                    self.grams.setdefault(name, self.grams[owner])
+                    self.tokens[name] = self.tokens[owner]
+                    return
+            self._seen.append((x, name))
+            flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
+            if name not in self.grams:
+                self.grams[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
+                self.tokens[name] = 0
+            self.grams[name] += gram_f32(flat).double()
+            self.tokens[name] += flat.shape[0]
+
+        return hook
+
+    def end_batch(self) -> None:
+        self._seen.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def calibration_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The model to run calibration on: itself in float32, a converted copy otherwise."""
+    if dtype == torch.float32:
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
+def _forward_body(model: nn.Module, batch: torch.Tensor) -> None:
+    """Run the model up to its last block; the LM head is not needed for input statistics."""
+    body = getattr(model, "model", None) or getattr(model, "transformer", None) or model
+    body(input_ids=batch, use_cache=False) if _accepts_use_cache(body) else body(input_ids=batch)
+
+
+def _accepts_use_cache(module: nn.Module) -> bool:
+    return getattr(getattr(module, "config", None), "use_cache", None) is not None
+
+
+def collect_grams(
+    model: nn.Module,
+    names: list[str],
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    progress: Progress | None = None,
+) -> dict[str, LayerStats]:
+    """One forward pass over `windows` (count, seq_len); returns input_gram and tokens per target."""
+    collector = GramCollector(model, names)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(windows), batch_size):
+                batch = windows[start : start + batch_size]
+                _forward_body(model, batch)
+                collector.end_batch()
+                if progress:
+                    progress(len(batch))
+    finally:
+        collector.remove()
+    missing = [n for n in names if n not in collector.grams]
+    if missing:
+        raise CalibrationError(f"no input reached {missing[0]} during calibration")
+    return {n: LayerStats(input_gram=collector.grams[n], tokens=collector.tokens[n]) for n in names}
+
+
+def collect_fisher(
+    model: nn.Module, names: list[str], windows: torch.Tensor, progress: Progress | None = None
+) -> dict[str, torch.Tensor]:
+    """Summed squared gradients of the LM loss per target weight, one window per backward."""
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise RankwiseError("Fisher statistics need a language model head (a causal LM)")
+    weights = {n: model.get_submodule(n).weight for n in names}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for weight in weights.values():
+        weight.requires_grad_(True)
+    fisher = {
+        n: torch.zeros_like(linear_weight(model.get_submodule(n)), dtype=torch.float32)
+        for n in names
+    }
+    try:
+        for window in windows:
+            batch = window[None]  # (1, seq_len)
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            grads = torch.autograd.grad(loss, list(weights.values()))
+            for name, grad in zip(weights, grads, strict=True):
+                grad = grad.T if grad.shape != fisher[name].shape else grad  # Conv1D: (in, out)
+                fisher[name] += grad.float().square()
+            if progress:
+                progress(1)
+    finally:
+        for weight in weights.values():
+            weight.requires_grad_(False)
+    return fisher
+
+
+def collect(
+    model: nn.Module,
+    names: list[str],
+    windows: torch.Tensor,
+    needs: frozenset[str],
+    dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+) -> Statistics:
+    """Gather what a method `needs` ("input_gram", "fisher") for every target."""
+    if len(windows) == 0:
+        raise CalibrationError("no calibration windows")
+    runner = calibration_copy(model, dtype)
+    stats = Statistics(
+        meta={
+            "windows": len(windows),
+            "seq_len": int(windows.shape[1]),
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+    )
+    if "input_gram" in needs:
+        stats.layers = collect_grams(runner, names, windows, progress=progress)
+    else:
+        stats.layers = {n: LayerStats(tokens=windows.numel()) for n in names}
+    if "fisher" in needs:
+        for name, value in collect_fisher(runner, names, windows, progress).items():
+            stats.layers[name].fisher = value
+    del runner  # the converted copy is no longer needed
+    return stats

