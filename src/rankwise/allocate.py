@@ -52,16 +52,40 @@ def uniform_rank(shape: LayerShape, ratio: float) -> int | None:
 def allocate_uniform(
     shapes: list[LayerShape], ratio: float, overrides: list[LayerOverride] | None = None
 ) -> dict[str, int | None]:
+    """Every layer keeps (1 - ratio) of its parameters, then the rounding is given back.
+
+    Rounding each rank down would remove a little more than asked; the parameters it frees go
+    back one rank at a time to the layers that lost the largest fraction of a rank, so the
+    targeted ratio lands on the request (never above the budget).
+    """
     check_ratio(ratio)
     ranks: dict[str, int | None] = {}
+    wanted: dict[str, float] = {}  # exact (fractional) rank each factorized layer should get
+    budget = 0.0
     for shape in shapes:
         override = matching_override(shape.name, overrides or [])
         if override is not None and override.dense:
             ranks[shape.name] = None
             continue
         layer_ratio = override.ratio if override and override.ratio is not None else ratio
-        ranks[shape.name] = uniform_rank(shape, check_ratio(layer_ratio, f"ratio for {shape.name}"))
+        rank = uniform_rank(shape, check_ratio(layer_ratio, f"ratio for {shape.name}"))
+        ranks[shape.name] = rank
+        if rank is not None:
+            wanted[shape.name] = (1.0 - layer_ratio) * shape.break_even_rank
+            budget += shape.factor_params(1) * wanted[shape.name]
+    by_name = {s.name: s for s in shapes}
+    spare = budget - sum(by_name[n].factor_params(ranks[n]) for n in wanted)
+    for name in sorted(wanted, key=lambda n: ranks[n] - wanted[n]):  # most shortchanged first
+        cost = by_name[name].factor_params(1)
+        grown = ranks[name] + 1
+        if cost <= spare and saves_parameters(grown, *_dims(by_name[name])):
+            ranks[name] = grown
+            spare -= cost
     return ranks
+
+
+def _dims(shape: LayerShape) -> tuple[int, int]:
+    return shape.out_features, shape.in_features
 
 
 def targeted_params(shapes: list[LayerShape], ranks: dict[str, int | None]) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rankwise.blockwise import find_blocks, run_blocks, used_blocks
 from rankwise.errors import CalibrationError, RankwiseError
 from rankwise.methods.base import LayerStats
 from rankwise.models import linear_weight
@@ -89,23 +91,28 @@ class Statistics:
 def gram_f32(x: torch.Tensor) -> torch.Tensor:
     """X^T X of a (tokens, in) matrix in float32: (in, in).
 
-    torch's own GEMM: BLAS syrk would halve the flops, but its threads fight torch's OpenMP
-    threads between layers and it ran 2x slower inside the forward pass.
+    torch's GEMM, not BLAS syrk: syrk would halve the flops, but scipy's OpenBLAS threads and
+    torch's OpenMP threads spin against each other between layers (measured 2x slower).
     """
     flat = x.detach().float()  # (tokens, in)
     return flat.T @ flat
 
 
 class GramCollector:
-    """Forward pre-hooks that add each target's input gram; shared inputs counted once."""
+    """Forward pre-hooks that add each target's input gram; shared inputs counted once.
 
-    def __init__(self, model: nn.Module, names: list[str]) -> None:
+    `root` is the module the `names` are relative to (one block, or a whole small model).
+    """
+
+    def __init__(self, root: nn.Module, names: list[str]) -> None:
         self.names = names
-        self.grams: dict[str, torch.Tensor] = {}  # name -> (in, in) float64, shared objects
-        self.tokens: dict[str, int] = {}
-        self._seen: list[tuple[torch.Tensor, str]] = []  # inputs of the current batch
+        self.owner: dict[str, str] = {}  # name -> the target whose input (and gram) it shares
+        self.grams: dict[str, torch.Tensor] = {}  # owner -> (in, in) float64
+        self.tokens: dict[str, int] = {}  # owner -> tokens seen
+        # Recent inputs: q/k/v (gate/up) receive the same tensor object one after another.
+        self._seen: deque[tuple[torch.Tensor, str]] = deque(maxlen=8)
         self._handles = [
-            model.get_submodule(name).register_forward_pre_hook(self._hook(name)) for name in names
+            root.get_submodule(name).register_forward_pre_hook(self._hook(name)) for name in names
         ]
 
     def _hook(self, name: str) -> Callable:
@@ -113,10 +120,10 @@ class GramCollector:
             x = args[0]
             for seen, owner in self._seen:
                 if seen is x:  # same tensor as an earlier target: share its gram
-                    self.grams.setdefault(name, self.grams[owner])
-                    self.tokens[name] = self.tokens[owner]
+                    self.owner.setdefault(name, owner)
                     return
             self._seen.append((x, name))
+            self.owner.setdefault(name, name)
             flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
             if name not in self.grams:
                 self.grams[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
@@ -126,54 +133,62 @@ class GramCollector:
 
         return hook
 
-    def end_batch(self) -> None:
-        self._seen.clear()
+    def stats(self) -> dict[str, LayerStats]:
+        """Grams (one shared object per distinct input) and token counts per target."""
+        missing = [n for n in self.names if n not in self.owner]
+        if missing:
+            raise CalibrationError(f"no input reached {missing[0]} during calibration")
+        return {
+            n: LayerStats(input_gram=self.grams[self.owner[n]], tokens=self.tokens[self.owner[n]])
+            for n in self.names
+        }
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+        self._seen.clear()
 
 
-def calibration_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The model to run calibration on: itself in float32, a converted copy otherwise."""
-    if dtype == torch.float32:
-        return model
-    return copy.deepcopy(model).to(dtype)
-
-
-def _forward_body(model: nn.Module, batch: torch.Tensor) -> None:
-    """Run the model up to its last block; the LM head is not needed for input statistics."""
-    body = getattr(model, "model", None) or getattr(model, "transformer", None) or model
-    body(input_ids=batch, use_cache=False) if _accepts_use_cache(body) else body(input_ids=batch)
-
-
-def _accepts_use_cache(module: nn.Module) -> bool:
-    return getattr(getattr(module, "config", None), "use_cache", None) is not None
+BlockCallback = Callable[[list[str], dict[str, LayerStats]], bool]
 
 
 def collect_grams(
     model: nn.Module,
     names: list[str],
     windows: torch.Tensor,
-    batch_size: int = 4,
+    dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
+    after_block: BlockCallback | None = None,
 ) -> dict[str, LayerStats]:
-    """One forward pass over `windows` (count, seq_len); returns input_gram and tokens per target."""
-    collector = GramCollector(model, names)
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(windows), batch_size):
-                batch = windows[start : start + batch_size]
-                _forward_body(model, batch)
-                collector.end_batch()
-                if progress:
-                    progress(len(batch))
-    finally:
-        collector.remove()
-    missing = [n for n in names if n not in collector.grams]
-    if missing:
-        raise CalibrationError(f"no input reached {missing[0]} during calibration")
-    return {n: LayerStats(input_gram=collector.grams[n], tokens=collector.tokens[n]) for n in names}
+    """input_gram and token count per target, one block at a time over `windows` (count, seq).
+
+    `after_block(names, stats)` sees each block's statistics as soon as they are complete; if it
+    returns True it has compressed that block, and the next block's inputs are recomputed
+    through the compressed block (sequential calibration).
+    """
+    list_name, _ = find_blocks(model, names)
+    results: dict[str, LayerStats] = {}
+
+    def on_block(index: int, block: nn.Module, run: Callable[[], None]) -> bool:
+        prefix = f"{list_name}.{index}."
+        local = [n[len(prefix) :] for n in names if n.startswith(prefix)]
+        collector = GramCollector(block, local)
+        try:
+            run()
+        finally:
+            collector.remove()
+        block_stats = {prefix + n: s for n, s in collector.stats().items()}
+        results.update(block_stats)
+        if progress:
+            progress(1)
+        return after_block(list(block_stats), block_stats) if after_block else False
+
+    run_blocks(model, names, windows, dtype, on_block)
+    return results
+
+
+def count_blocks(model: nn.Module, names: list[str]) -> int:
+    return len(used_blocks(model, names))
 
 
 def collect_fisher(
@@ -218,7 +233,6 @@ def collect(
     """Gather what a method `needs` ("input_gram", "fisher") for every target."""
     if len(windows) == 0:
         raise CalibrationError("no calibration windows")
-    runner = calibration_copy(model, dtype)
     stats = Statistics(
         meta={
             "windows": len(windows),
@@ -227,11 +241,11 @@ def collect(
         }
     )
     if "input_gram" in needs:
-        stats.layers = collect_grams(runner, names, windows, progress=progress)
+        stats.layers = collect_grams(model, names, windows, dtype, progress)
     else:
         stats.layers = {n: LayerStats(tokens=windows.numel()) for n in names}
     if "fisher" in needs:
+        runner = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
         for name, value in collect_fisher(runner, names, windows, progress).items():
             stats.layers[name].fisher = value
-    del runner  # the converted copy is no longer needed
     return stats

@@ -98,10 +98,13 @@ def inspect_cmd(
 
 
 def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # rankwise draws its own bars
     try:
         app(standalone_mode=False)
     except RankwiseError as err:
-        err_console.print(f"error: {err}", highlight=False, markup=False)
+        err_console.print(f"error: {err}", highlight=False, markup=False, soft_wrap=True)
         raise SystemExit(2) from None
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("interrupted: nothing was written")
@@ -109,7 +112,8 @@ def main() -> None:
     except Exception as err:  # click usage errors carry their own exit code
         import click
 
-        if isinstance(err, click.ClickException):
+        # typer >= 0.20 vendors click: its usage errors are not click.ClickException subclasses
+        if isinstance(err, click.ClickException) or callable(getattr(err, "show", None)):
             err.show()
             raise SystemExit(2) from None
         raise

@@ -60,6 +60,13 @@ def dense_perplexity(
     return results
 
 
+def peak_memory_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _bytes_fp32(params: int) -> int:
     return params * 4
 
@@ -113,6 +120,8 @@ def run_compress(
             "perplexity": compressed_ppl,
             "seconds": compress_seconds,
             "phases": result.seconds,
+            "load_seconds": load_seconds,
+            "peak_memory_mb": peak_memory_mb(),
         },
     }
     console.print(

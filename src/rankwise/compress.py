@@ -6,6 +6,7 @@ per-layer log line (name, shape, rank kept, relative error).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,7 +119,6 @@ def gather_statistics(
     names: list[str],
     method: Method,
     recipe: Recipe,
-    tokenizer: object | None,
     windows: torch.Tensor | None,
     reporter: Reporter,
 ) -> Statistics:
@@ -130,23 +130,68 @@ def gather_statistics(
         if stats.has(method.needs, names):
             reporter.log(f"statistics reused from {recipe.stats}")
             return stats
-    if windows is None:
-        if tokenizer is None:
-            raise CalibrationError("calibration needs a tokenizer or token windows")
-        windows = calibration_windows(tokenizer, recipe.calib, recipe.samples, recipe.seq_len)
-    if len(windows) < recipe.samples:
-        reporter.log(
-            f"calibration text gives {len(windows)} windows of {recipe.seq_len} tokens "
-            f"(asked {recipe.samples})"
-        )
     dtype = getattr(torch, recipe.calib_dtype)
-    passes = len(windows) * (("input_gram" in method.needs) + ("fisher" in method.needs))
-    with reporter.task("calibrating", total=passes) as advance:
+    total = calibrate.count_blocks(model, names) * ("input_gram" in method.needs) + len(windows) * (
+        "fisher" in method.needs
+    )
+    with reporter.task("calibrating", total=total) as advance:
         stats = calibrate.collect(model, names, windows, method.needs, dtype, advance)
     if recipe.stats:
         stats.save(recipe.stats)
         reporter.log(f"statistics saved to {recipe.stats}")
     return stats
+
+
+def resolve_windows(
+    recipe: Recipe, tokenizer: object | None, windows: torch.Tensor | None, reporter: Reporter
+) -> torch.Tensor:
+    if windows is not None:
+        return windows
+    if tokenizer is None:
+        raise CalibrationError("calibration needs a tokenizer or token windows")
+    windows = calibration_windows(tokenizer, recipe.calib, recipe.samples, recipe.seq_len)
+    if len(windows) < recipe.samples:
+        reporter.log(
+            f"calibration text gives {len(windows)} windows of {recipe.seq_len} tokens "
+            f"(asked {recipe.samples})"
+        )
+    return windows
+
+
+class LayerLoop:
+    """Factorizes layers one by one, logging a line per layer and keeping the reports."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        recipe: Recipe,
+        reporter: Reporter,
+        ranks: dict[str, int | None],
+        advance: Callable[[int], None],
+    ) -> None:
+        self.model, self.method, self.reporter = model, method, reporter
+        self.ranks, self.advance = ranks, advance
+        self.options = MethodOptions(eig_floor=recipe.eig_floor)
+        self.reports: dict[str, LayerReport] = {}
+
+    def __call__(self, shape: LayerShape, stats: LayerStats) -> None:
+        rank = self.ranks[shape.name]
+        error = 0.0
+        if rank is not None:
+            factors = factorize_layer(
+                self.model, shape.name, rank, self.method, stats, self.options
+            )
+            error = relative_error(factors.spectrum, rank)
+        self.reports[shape.name] = LayerReport(
+            shape.name, shape.out_features, shape.in_features, rank, error
+        )
+        kept = "dense" if rank is None else f"rank {rank:>4}"
+        self.reporter.log(
+            f"{shape.name:<40} {shape.out_features:>5}x{shape.in_features:<5} "
+            f"{kept}  rel.err {error:.4f}"
+        )
+        self.advance(1)
 
 
 def compress(
@@ -159,6 +204,8 @@ def compress(
     """Compress `model` in place following `recipe`; returns the model with its accounting.
 
     `windows` (count, seq_len) token ids override the recipe's calibration text (tests use it).
+    With `recipe.sequential`, each block's statistics are gathered after the blocks before it
+    were compressed, so later layers correct for earlier errors.
     """
     reporter = reporter or Reporter()
     timer = Timer()
@@ -167,35 +214,45 @@ def compress(
     check_finite(model, names)
     method = get_method(recipe.method)
     params_before = count_parameters(model)
-    shapes = [LayerShape(n, *linear_weight(model.get_submodule(n)).shape) for n in names]
-
-    with timer.phase("calibrate"):
-        stats = gather_statistics(model, names, method, recipe, tokenizer, windows, reporter)
+    shapes = {n: LayerShape(n, *linear_weight(model.get_submodule(n)).shape) for n in names}
     with timer.phase("allocate"):
-        ranks = allocate_uniform(shapes, recipe.ratio, recipe.overrides)
+        ranks = allocate_uniform(list(shapes.values()), recipe.ratio, recipe.overrides)
+    if method.needs and not (recipe.stats and Path(recipe.stats).is_file()):
+        windows = resolve_windows(recipe, tokenizer, windows, reporter)
 
-    options = MethodOptions(eig_floor=recipe.eig_floor)
-    reports = []
-    with timer.phase("factorize"), reporter.task("factorizing", total=len(shapes)) as advance:
-        for shape in shapes:
-            rank = ranks[shape.name]
-            error = 0.0
-            if rank is not None:
-                factors = factorize_layer(
-                    model, shape.name, rank, method, stats.layers[shape.name], options
-                )
-                error = relative_error(factors.spectrum, rank)
-            reports.append(
-                LayerReport(shape.name, shape.out_features, shape.in_features, rank, error)
-            )
-            kept = "dense" if rank is None else f"rank {rank:>4}"
-            reporter.log(
-                f"{shape.name:<40} {shape.out_features:>5}x{shape.in_features:<5} "
-                f"{kept}  rel.err {error:.4f}"
-            )
-            advance(1)
+    with reporter.task("factorizing", total=len(shapes)) as advance:
+        loop = LayerLoop(model, method, recipe, reporter, ranks, advance)
+        if recipe.sequential and "input_gram" in method.needs:
+            with timer.phase("calibrate+factorize"):
+                compress_sequential(model, names, shapes, loop, recipe, windows)
+        else:
+            with timer.phase("calibrate"):
+                stats = gather_statistics(model, names, method, recipe, windows, reporter)
+            with timer.phase("factorize"):
+                for name in names:
+                    loop(shapes[name], stats.layers[name])
 
-    dense, kept = targeted_params(shapes, ranks)
+    dense, kept = targeted_params(list(shapes.values()), ranks)
+    reports = [loop.reports[n] for n in names]
     return Compressed(
         model, recipe, reports, params_before, count_parameters(model), dense, kept, timer.seconds
     )
+
+
+def compress_sequential(
+    model: nn.Module,
+    names: list[str],
+    shapes: dict[str, LayerShape],
+    loop: LayerLoop,
+    recipe: Recipe,
+    windows: torch.Tensor,
+) -> None:
+    """Block by block: gather a block's statistics on the compressed prefix, then factorize it."""
+
+    def after_block(block_names: list[str], block_stats: dict[str, LayerStats]) -> bool:
+        for name in block_names:
+            loop(shapes[name], block_stats[name])
+        return True
+
+    dtype = getattr(torch, recipe.calib_dtype)
+    calibrate.collect_grams(model, names, windows, dtype, after_block=after_block)

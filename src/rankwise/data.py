@@ -119,7 +119,9 @@ def read_user_text(path: str | Path) -> str:
             try:
                 texts.append(str(json.loads(line)["text"]))
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise CalibrationError(f"{path}:{number}: expected a JSON object with 'text'")
+                raise CalibrationError(
+                    f"{path}:{number}: expected a JSON object with 'text'"
+                ) from None
         text = "\n\n".join(texts)
     else:
         text = _read_text(path)

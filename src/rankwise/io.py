@@ -37,6 +37,8 @@ def check_output(out: str | Path, overwrite: bool) -> Path:
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise OutputNotWritableError(f"cannot write to {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK):
         raise OutputNotWritableError(f"cannot write to {parent}")
     return out

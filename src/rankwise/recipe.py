@@ -32,6 +32,12 @@ class LayerOverride(BaseModel):
     max_keep: float | None = Field(default=None, ge=0.0, le=1.0)  # kept fraction upper bound
     dense: bool = False  # never factorize matching layers
 
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_in_range(cls, value: float | None) -> float | None:
+        # checked here, not first at allocation (after a calibration pass that may take minutes)
+        return None if value is None else check_ratio(value, "override ratio")
+
 
 class Recipe(BaseModel):
     """What to compress, how, and on which text."""

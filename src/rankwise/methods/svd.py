@@ -16,4 +16,4 @@ class SVD:
     ) -> Factors:
         u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)  # (out,k) (k,) (k,in)
         left, right = split_singular(u, s, vh, rank)
-        return Factors(left, right, spectrum=s)
+        return Factors(left.to(weight.dtype), right.to(weight.dtype), spectrum=s)

@@ -1,0 +1,241 @@
+"""compress -> save -> load on tiny random models of every supported family, with accounting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CAUSAL, FAMILIES, clone, make_model, make_windows, model_output
+from torch import nn
+
+import rankwise
+from rankwise.allocate import LayerShape, allocate_uniform, targeted_params, uniform_rank
+from rankwise.compress import count_parameters
+from rankwise.errors import RankwiseError
+from rankwise.layers import LowRankLinear
+from rankwise.recipe import LayerOverride, Recipe
+
+CASES = [(family, method) for family in FAMILIES for method in ("svd", "whiten")] + [
+    (family, "fwsvd") for family in CAUSAL
+]
+TARGETS_PER_BLOCK = {"llama": 7, "qwen2": 7, "gemma3": 7, "gpt2": 4, "bert": 6}
+IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(123))
+
+
+def run(model: nn.Module, **recipe: object) -> rankwise.Compressed:
+    recipe = {"calib_dtype": "float32", **recipe}
+    return rankwise.compress(model, Recipe(**recipe), windows=make_windows())
+
+
+def saved_block(directory: str | Path) -> dict:
+    return json.loads((Path(directory) / "config.json").read_text())["rankwise"]
+
+
+def hand_counted(targets: dict[str, dict]) -> tuple[int, int]:
+    """(dense, kept) weight parameters of the targets, from the saved shapes and ranks."""
+    dense = sum(t["out"] * t["in"] for t in targets.values())
+    kept = sum(
+        t["out"] * t["in"] if t["rank"] is None else t["rank"] * (t["out"] + t["in"])
+        for t in targets.values()
+    )
+    return dense, kept
+
+
+@pytest.mark.parametrize(("family", "method"), CASES)
+def test_save_load_round_trip(family: str, method: str, tmp_path: Path) -> None:
+    model = make_model(family)
+    dense_out = model_output(clone(model), IDS)
+    result = run(model, method=method, ratio=0.3)
+    assert result.model is model  # compressed in place
+    compressed_out = model_output(model, IDS)
+    assert not torch.allclose(compressed_out, dense_out, atol=1e-3)  # something changed
+
+    out = rankwise.save(result, str(tmp_path / "model"))
+    loaded = rankwise.load(out)
+
+    assert type(loaded) is type(model)
+    assert not loaded.training
+    torch.testing.assert_close(model_output(loaded, IDS), compressed_out, rtol=0, atol=1e-5)
+    low_rank = {n: m.rank for n, m in loaded.named_modules() if isinstance(m, LowRankLinear)}
+    assert low_rank == {n: r for n, r in result.ranks.items() if r is not None}
+    assert len(result.layers) == TARGETS_PER_BLOCK[family] * 2
+    assert count_parameters(loaded) == result.model_params_after
+    if getattr(loaded.config, "tie_word_embeddings", False) and family != "bert":
+        assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    assert Recipe.from_yaml(Path(out) / "recipe.yaml") == result.recipe
+    assert {p.suffix for p in Path(out).iterdir()} <= {".json", ".safetensors", ".yaml"}
+
+
+@pytest.mark.parametrize(("family", "method"), CASES)
+def test_error_shrinks_as_ratio_shrinks(family: str, method: str) -> None:
+    mild = run(make_model(family), method=method, ratio=0.2)
+    harsh = run(make_model(family), method=method, ratio=0.6)
+
+    def mean_error(result: rankwise.Compressed) -> float:
+        errors = [layer.rel_error for layer in result.layers if layer.rank is not None]
+        return sum(errors) / len(errors)
+
+    assert 0.0 < mean_error(mild) < mean_error(harsh) < 1.0
+    for a, b in zip(mild.layers, harsh.layers, strict=True):
+        assert a.name == b.name and a.rank > b.rank
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_ratio_accounting(family: str, ratio: float, tmp_path: Path) -> None:
+    result = run(make_model(family), method="svd", ratio=ratio)
+    assert ratio <= result.targeted_ratio < ratio + 0.05
+    assert 0.0 < result.model_ratio < result.targeted_ratio
+
+    out = rankwise.save(result, str(tmp_path / "model"))
+    block = saved_block(out)
+    assert hand_counted(block["targets"]) == (result.targeted_before, result.targeted_after)
+    assert block["targeted_params_before"] == result.targeted_before
+    assert block["targeted_params_after"] == result.targeted_after
+    assert block["targeted_ratio"] == pytest.approx(result.targeted_ratio)
+    assert block["model_ratio"] == pytest.approx(result.model_ratio)
+    assert block["ratio"] == ratio and block["method"] == "svd"
+    # the whole model shrinks by exactly the removed targeted parameters (biases unchanged)
+    removed = result.targeted_before - result.targeted_after
+    assert result.model_params_before - result.model_params_after == removed
+    assert count_parameters(rankwise.load(out)) == result.model_params_after
+
+
+def test_dense_override_keeps_layer_dense_through_save_and_load(tmp_path: Path) -> None:
+    model = make_model("llama")
+    recipe = {"overrides": [LayerOverride(pattern=r"k_proj$", dense=True)]}
+    result = run(model, method="whiten", ratio=0.4, **recipe)
+    k_names = [n for n in result.ranks if n.endswith("k_proj")]
+    assert k_names and all(result.ranks[n] is None for n in k_names)
+    assert all(r is not None for n, r in result.ranks.items() if n not in k_names)
+    for layer in result.layers:
+        if layer.rank is None:
+            assert layer.rel_error == 0.0 and layer.kept_fraction == 1.0
+
+    expected = model_output(model, IDS)
+    out = rankwise.save(result, str(tmp_path / "model"))
+    loaded = rankwise.load(out)
+    for name in k_names:
+        assert type(loaded.get_submodule(name)) is nn.Linear
+    torch.testing.assert_close(model_output(loaded, IDS), expected, rtol=0, atol=1e-5)
+    block = saved_block(out)
+    assert not any(n in block["layers"] for n in k_names)
+    assert all(block["targets"][n]["rank"] is None for n in k_names)
+    assert hand_counted(block["targets"]) == (result.targeted_before, result.targeted_after)
+
+
+def test_per_layer_ratio_override() -> None:
+    result = run(make_model("llama"), method="svd", ratio=0.2, overrides=[{"pattern": "mlp"}])
+    plain = run(make_model("llama"), method="svd", ratio=0.2)
+    assert result.ranks == plain.ranks  # an override without settings changes nothing
+
+    result = run(
+        make_model("llama"), method="svd", ratio=0.2, overrides=[{"pattern": "k_proj", "ratio": 0.8}]
+    )
+    for layer in result.layers:
+        shape = LayerShape(layer.name, layer.out_features, layer.in_features)
+        expected = 0.8 if layer.name.endswith("k_proj") else 0.2
+        assert layer.rank == int((1 - expected) * shape.break_even_rank)
+
+
+class TwoLinears(nn.Module):
+    """Not a transformers model: one ordinary layer and one whose factors could never pay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(128, 64)
+        self.wide = nn.Linear(64, 64)
+        self.narrow = nn.Linear(64, 1)  # break-even rank 64/65 < 1
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        return self.narrow(self.wide(hidden))
+
+
+def test_layer_that_cannot_save_parameters_stays_dense() -> None:
+    model = TwoLinears().eval()
+    ids = make_windows(2, 8)
+    result = rankwise.compress(
+        model, Recipe(method="whiten", ratio=0.01, targets=["wide$", "narrow$"]), windows=ids
+    )
+    assert result.ranks["narrow"] is None
+    assert type(model.narrow) is nn.Linear
+    assert isinstance(model.wide, LowRankLinear)
+    wide = LayerShape("wide", 64, 64)
+    assert result.targeted_before == 64 * 64 + 64
+    assert result.targeted_after == wide.factor_params(model.wide.rank) + 64
+
+
+def test_uniform_rank_and_break_even() -> None:
+    square = LayerShape("sq", 64, 64)
+    assert square.break_even_rank == 32
+    assert uniform_rank(square, 0.25) == 24
+    assert uniform_rank(square, 0.99) == 1  # at least rank 1
+    assert uniform_rank(LayerShape("row", 1, 64), 0.01) is None
+    assert uniform_rank(LayerShape("tiny", 2, 2), 0.5) is None
+    shapes = [square, LayerShape("row", 1, 64)]
+    ranks = allocate_uniform(shapes, 0.25)
+    assert ranks == {"sq": 24, "row": None}
+    assert targeted_params(shapes, ranks) == (64 * 64 + 64, 24 * 128 + 64)
+
+
+def test_ignore_skips_matching_layers() -> None:
+    result = run(make_model("llama"), method="svd", ratio=0.3, ignore=[r"mlp\."])
+    assert result.layers and all("self_attn" in layer.name for layer in result.layers)
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_loaded_model_generates(family: str, tmp_path: Path) -> None:
+    model = make_model(family)
+    result = run(model, method="svd", ratio=0.3)
+    loaded = rankwise.load(rankwise.save(result, str(tmp_path / "model")))
+    prompt = IDS[:1, :4]
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        got = loaded.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert got.shape == (1, 7)
+    assert torch.equal(got, expected)
+
+
+def test_load_model_reads_a_compressed_directory(tmp_path: Path) -> None:
+    result = run(make_model("qwen2"), method="svd", ratio=0.3)
+    out = rankwise.save(result, str(tmp_path / "model"))
+    loaded = rankwise.load_model(out)
+    assert loaded.tokenizer is None
+    assert any(isinstance(m, LowRankLinear) for m in loaded.model.modules())
+
+
+def test_load_model_reads_a_dense_hf_directory(tmp_path: Path) -> None:
+    model = make_model("llama")
+    model.save_pretrained(tmp_path / "dense")
+    loaded = rankwise.load_model(str(tmp_path / "dense"))
+    torch.testing.assert_close(model_output(loaded.model, IDS), model_output(model, IDS))
+    assert not any(isinstance(m, LowRankLinear) for m in loaded.model.modules())
+
+
+def test_fwsvd_on_encoder_raises_and_leaves_model_alone() -> None:
+    model = make_model("bert")
+    before = model_output(model, IDS)
+    with pytest.raises(RankwiseError):
+        run(model, method="fwsvd", ratio=0.3)
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    torch.testing.assert_close(model_output(model, IDS), before, rtol=0, atol=0)
+
+
+def test_svd_needs_no_calibration() -> None:
+    """Data-free: no tokenizer and no windows are needed."""
+    model = make_model("llama")
+    result = rankwise.compress(model, Recipe(method="svd", ratio=0.3))
+    assert all(layer.rank is not None for layer in result.layers)
+
+
+@pytest.mark.parametrize("method", ["svd", "whiten", "fwsvd"])
+def test_compress_a_bfloat16_model(method: str) -> None:
+    """Factors take the model's dtype, so the compressed bf16 model still runs."""
+    model = make_model("llama").to(torch.bfloat16)
+    run(model, method=method, ratio=0.3)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert torch.isfinite(model_output(model, IDS).float()).all()
