@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,6 +126,23 @@ class FakeTokenizer:
         return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
 
 
+def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A real (fast) tokenizer built in memory: words w0..w126 plus [UNK], split on whitespace."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 1)}
+    vocab["[UNK]"] = VOCAB - 1
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def word_text(words: int, seed: int = 0) -> str:
+    """Text the word tokenizer turns into exactly `words` known tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    return " ".join(f"w{i}" for i in torch.randint(0, VOCAB - 1, (words,), generator=gen).tolist())
+
+
 @pytest.fixture
 def fake_tokenizer() -> FakeTokenizer:
     return FakeTokenizer()
@@ -157,3 +176,15 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def saved_targets(directory: str | Path) -> dict[str, dict]:
+    """Per-target {out, in, rank, rel_error} from a saved model's config.json, keyed by name.
+
+    The block stores a list in model order ({"name": ...} entries); a mapping is accepted too.
+    """
+    block = json.loads((Path(directory) / "config.json").read_text())["rankwise"]
+    targets = block["targets"]
+    if isinstance(targets, dict):
+        return targets
+    return {t["name"]: t for t in targets}

@@ -169,9 +169,7 @@ def test_whiten_beats_svd_on_calibration_output(rank: int) -> None:
     w, x = weight(), inputs()
     whiten = run("whiten", w, x, fisher_for(), rank)
     svd = run("svd", w, x, fisher_for(), rank)
-    assert output_error(w, whiten.left @ whiten.right, x) < output_error(
-        w, svd.left @ svd.right, x
-    )
+    assert output_error(w, whiten.left @ whiten.right, x) < output_error(w, svd.left @ svd.right, x)
 
 
 def test_svd_is_optimal_in_weight_error() -> None:
@@ -189,7 +187,9 @@ def test_whiten_reuses_the_basis_of_a_shared_gram() -> None:
     gram = x.T @ x
     first = method.factorize(weight(1), LayerStats(input_gram=gram), 6, OPTIONS)
     second = method.factorize(weight(2), LayerStats(input_gram=gram), 6, OPTIONS)
-    fresh = get_method("whiten").factorize(weight(2), LayerStats(input_gram=gram.clone()), 6, OPTIONS)
+    fresh = get_method("whiten").factorize(
+        weight(2), LayerStats(input_gram=gram.clone()), 6, OPTIONS
+    )
     torch.testing.assert_close(second.left @ second.right, fresh.left @ fresh.right)
     assert not torch.allclose(first.left @ first.right, second.left @ second.right)
 

@@ -37,15 +37,18 @@ def save(
         "model_params_before": result.model_params_before,
         "model_params_after": result.model_params_after,
         "seconds": result.seconds,
-        "targets": {
-            layer.name: {
+        # A list, not a mapping: config.json is written with sorted keys, and the per-layer
+        # table should read in model order.
+        "targets": [
+            {
+                "name": layer.name,
                 "out": layer.out_features,
                 "in": layer.in_features,
                 "rank": layer.rank,
                 "rel_error": layer.rel_error,
             }
             for layer in result.layers
-        },
+        ],
     }
     path = save_compressed(result.model, out, tokenizer, result.recipe.to_yaml(), info, overwrite)
     return str(path)

@@ -25,7 +25,7 @@ from torch import nn
 from rankwise.blockwise import find_blocks, run_blocks, used_blocks
 from rankwise.errors import CalibrationError, RankwiseError
 from rankwise.methods.base import LayerStats
-from rankwise.models import linear_weight
+from rankwise.models import is_conv1d, linear_weight
 
 Progress = Callable[[int], None]  # called with the number of windows just processed
 
@@ -62,6 +62,7 @@ class Statistics:
             index[name] = entry
         metadata = {"index": json.dumps(index), "meta": json.dumps(self.meta)}
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(tensors, str(tmp), metadata=metadata)
         tmp.replace(path)
@@ -166,7 +167,12 @@ def collect_grams(
     returns True it has compressed that block, and the next block's inputs are recomputed
     through the compressed block (sequential calibration).
     """
-    list_name, _ = find_blocks(model, names)
+    try:
+        list_name, _ = find_blocks(model, names)
+    except CalibrationError:
+        if after_block is not None:
+            raise
+        return collect_grams_whole(model, names, windows, dtype, progress)
     results: dict[str, LayerStats] = {}
 
     def on_block(index: int, block: nn.Module, run: Callable[[], None]) -> bool:
@@ -187,8 +193,33 @@ def collect_grams(
     return results
 
 
+def collect_grams_whole(
+    model: nn.Module,
+    names: list[str],
+    windows: torch.Tensor,
+    dtype: torch.dtype,
+    progress: Progress | None = None,
+    batch_size: int = 4,
+) -> dict[str, LayerStats]:
+    """Whole-model pass, for targets outside one list of blocks (e.g. explicit `lm_head`)."""
+    runner = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    collector = GramCollector(runner, names)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(windows), batch_size):
+                runner(input_ids=windows[start : start + batch_size])
+    finally:
+        collector.remove()
+    if progress:
+        progress(1)
+    return collector.stats()
+
+
 def count_blocks(model: nn.Module, names: list[str]) -> int:
-    return len(used_blocks(model, names))
+    try:
+        return len(used_blocks(model, names))
+    except CalibrationError:
+        return 1
 
 
 def collect_fisher(
@@ -198,7 +229,8 @@ def collect_fisher(
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise RankwiseError("Fisher statistics need a language model head (a causal LM)")
     weights = {n: model.get_submodule(n).weight for n in names}
-    for param in model.parameters():
+    flags = {param: param.requires_grad for param in model.parameters()}
+    for param in flags:
         param.requires_grad_(False)
     for weight in weights.values():
         weight.requires_grad_(True)
@@ -212,13 +244,14 @@ def collect_fisher(
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss
             grads = torch.autograd.grad(loss, list(weights.values()))
             for name, grad in zip(weights, grads, strict=True):
-                grad = grad.T if grad.shape != fisher[name].shape else grad  # Conv1D: (in, out)
+                if is_conv1d(model.get_submodule(name)):
+                    grad = grad.T  # Conv1D stores (in, out)
                 fisher[name] += grad.float().square()
             if progress:
                 progress(1)
     finally:
-        for weight in weights.values():
-            weight.requires_grad_(False)
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
     return fisher
 
 

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from rankwise import data, evaluate
 from rankwise.compress import compress, count_parameters
-from rankwise.errors import RankwiseError
+from rankwise.errors import ModelNotFoundError, RankwiseError
 from rankwise.io import check_output, directory_bytes, is_compressed_dir
 from rankwise.models import Loaded, cache_dir, load_model
 from rankwise.progress import RichReporter
@@ -83,6 +83,8 @@ def run_compress(
     import rankwise
 
     out = check_output(out, overwrite)  # before any work: nothing is written on bad input
+    if recipe.model != "default" and not Path(recipe.model).expanduser().exists():
+        raise ModelNotFoundError(f"model not found: {recipe.model}")
     reporter = RichReporter()
     streams = list(data.EVAL_STREAMS)
     start = time.perf_counter()
@@ -97,6 +99,7 @@ def run_compress(
     result = compress(loaded.model, recipe, loaded.tokenizer, reporter=reporter)
     saved = rankwise.save(result, str(out), loaded.tokenizer, overwrite=overwrite)
     compress_seconds = time.perf_counter() - start
+    compress_peak_mb = peak_memory_mb()  # before the compressed model is evaluated
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     reporter.log(f"load {load_seconds:.1f}s, {phases}, total with save {compress_seconds:.1f}s")
     compressed_ppl = (
@@ -121,7 +124,7 @@ def run_compress(
             "seconds": compress_seconds,
             "phases": result.seconds,
             "load_seconds": load_seconds,
-            "peak_memory_mb": peak_memory_mb(),
+            "peak_memory_mb": compress_peak_mb,
         },
     }
     console.print(
@@ -153,8 +156,8 @@ def run_inspect(directory: Path) -> None:
     if not is_compressed_dir(directory):
         raise RankwiseError(f"not a rankwise model directory: {directory}")
     block = json.loads((directory / "config.json").read_text())["rankwise"]
-    targets = block.get("targets") or block.get("layers", {})
-    errors = {name: t.get("rel_error") for name, t in targets.items() if "rel_error" in t}
+    targets = {t["name"]: t for t in block.get("targets", [])} or block.get("layers", {})
+    errors = {name: t["rel_error"] for name, t in targets.items() if "rel_error" in t}
     console.print(layer_table(targets, errors))
     console.print(
         f"method {block.get('method')}, requested ratio {block.get('ratio')}, "

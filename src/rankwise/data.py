@@ -11,6 +11,7 @@ from __future__ import annotations
 import bz2
 import importlib.util
 import json
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from functools import cache
@@ -55,10 +56,15 @@ def bbc_text(split: str) -> str:
     return "\n\n".join(texts)
 
 
+_REF = re.compile(r"<ref\b[^>]*?/>|<ref\b[^>]*>.*?</ref\s*>", re.IGNORECASE | re.DOTALL)
+
+
 def _clean_wikitext(markup: str) -> str:
     """Templates, refs, files and categories removed, then the rest of the markup stripped."""
     import mwparserfromhell
 
+    # Refs go first, by pattern: an unbalanced '' inside one makes the parser keep it as text.
+    markup = _REF.sub("", markup)
     code = mwparserfromhell.parse(markup)
     for template in code.filter_templates(recursive=False):
         _remove(code, template)
@@ -113,15 +119,22 @@ def read_user_text(path: str | Path) -> str:
         raise CalibrationError(f"calibration file not found: {path}")
     if path.suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise CalibrationError(f"{path}: JSON lines must be UTF-8") from None
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                texts.append(str(json.loads(line)["text"]))
+                value = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise CalibrationError(
                     f"{path}:{number}: expected a JSON object with 'text'"
                 ) from None
+            if not isinstance(value, str):  # null or a number is a mistake, not the text "None"
+                raise CalibrationError(f"{path}:{number}: 'text' must be a string")
+            texts.append(value)
         text = "\n\n".join(texts)
     else:
         text = _read_text(path)

@@ -21,7 +21,7 @@ from torch import nn
 
 from rankwise.errors import ModelNotFoundError, OutputExistsError, OutputNotWritableError
 from rankwise.layers import LowRankLinear
-from rankwise.models import Loaded, model_class_for, set_module
+from rankwise.models import Loaded, load_tokenizer, model_class_for, set_module
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -98,6 +98,7 @@ def save_compressed(
             tokenizer.save_pretrained(tmp)
         if recipe_yaml is not None:
             (tmp / "recipe.yaml").write_text(recipe_yaml)
+        _default_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -105,6 +106,15 @@ def save_compressed(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _default_permissions(directory: Path) -> None:
+    """mkdtemp makes a private (0700) directory; give the result the user's usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for file in directory.rglob("*"):
+        file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
 
 
 def is_compressed_dir(path: str | Path) -> bool:
@@ -116,7 +126,7 @@ def is_compressed_dir(path: str | Path) -> bool:
 
 def load_compressed(path: str | Path) -> Loaded:
     """Rebuild the architecture, install the factors, load the weights. Eval mode, fp32."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / WEIGHTS).is_file():
@@ -144,11 +154,7 @@ def load_compressed(path: str | Path) -> Loaded:
         )
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return Loaded(model.float().eval(), tokenizer, str(path))
+    return Loaded(model.float().eval(), load_tokenizer(path), str(path))
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

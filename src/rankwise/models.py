@@ -25,15 +25,17 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "smollm2-135m-instruct"
 
 # Built-in targets per model_type: regexes over module names (the linears inside the blocks).
+# `(^|\.)`: the blocks sit at the top of a bare base model (LlamaModel: "layers.0...").
+_DECODER = r"(^|\.)layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
 BLOCK_LINEARS = {
-    "llama": r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$",
-    "qwen2": r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$",
-    "mistral": r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$",
-    "gemma3_text": r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$",
-    "gemma3": r"language_model\..*layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$",
+    "llama": _DECODER,
+    "qwen2": _DECODER,
+    "mistral": _DECODER,
+    "gemma3_text": _DECODER,
+    "gemma3": r"language_model(\..*)?" + _DECODER,  # the text tower of the multimodal model
     "bert": r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
     r"|intermediate\.dense|output\.dense)$",
-    "gpt2": r"\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$",
+    "gpt2": r"(^|\.)h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$",
 }
 
 
@@ -126,18 +128,38 @@ def load_default() -> Loaded:
 
 def load_hf_dir(path: Path, trust_remote_code: bool = False) -> Loaded:
     """A dense HF directory (config.json + weights). Compressed dirs go through rankwise.load."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     model_cls = model_class_for(config)
     model = model_cls.from_pretrained(
         str(path), dtype=torch.float32, trust_remote_code=trust_remote_code
     )
+    return Loaded(model.eval(), load_tokenizer(path, trust_remote_code), str(path))
+
+
+# Any of these marks a saved tokenizer. Without one, AutoTokenizer (transformers 5) builds an
+# empty tokenizer from the model config alone, which turns every text into [] or [UNK].
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> object | None:
+    """The tokenizer saved in a model directory, or None when it holds none."""
+    from transformers import AutoTokenizer
+
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return Loaded(model.eval(), tokenizer, str(path))
+        return None
 
 
 def model_class_for(config: object) -> type:
@@ -173,7 +195,8 @@ def load_model(spec: str, trust_remote_code: bool = False) -> Loaded:
     return load_hf_dir(path, trust_remote_code)
 
 
-def _is_gpt2_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: a linear whose weight is stored (in, out)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
@@ -205,7 +228,7 @@ def find_targets(
     ignored = [re.compile(p) for p in (ignore or [])]
     names = []
     for name, module in model.named_modules():
-        if not (isinstance(module, nn.Linear) or _is_gpt2_conv1d(module)):
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             continue
         if any(p.search(name) for p in compiled) and not any(p.search(name) for p in ignored):
             names.append(name)
@@ -228,10 +251,10 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The (out, in) weight of an nn.Linear or a GPT-2 Conv1D."""
-    if _is_gpt2_conv1d(module):
+    if is_conv1d(module):
         return module.weight.detach().T
     return module.weight.detach()
 
 
 def as_linear(module: nn.Module) -> nn.Module:
-    return conv1d_to_linear(module) if _is_gpt2_conv1d(module) else module
+    return conv1d_to_linear(module) if is_conv1d(module) else module

@@ -1,4 +1,4 @@
-"""The typed recipe: every CLI flag maps onto one field, and the recipe used is saved with the model.
+"""The typed recipe: every CLI flag maps onto one field; the recipe used is saved with the model.
 
 A recipe is the whole description of a compression run, so a saved model can be reproduced from
 its `recipe.yaml` alone.

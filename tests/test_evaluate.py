@@ -1,0 +1,76 @@
+"""Perplexity under the protocol (exp of the mean NLL over every predicted token) and the tables."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_model, make_windows
+
+from rankwise import evaluate
+from rankwise.report import fmt_ppl, human_bytes, layer_table, summary_table
+
+
+def manual_perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits  # (count, seq, vocab)
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).double(), windows[:, 1:].reshape(-1)
+    )
+    return float(nll.exp())
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4])
+def test_perplexity_is_exp_mean_nll(batch_size: int) -> None:
+    model = make_model("llama")
+    windows = make_windows(5, 12)
+    advanced = []
+    result = evaluate.perplexity(model, windows, batch_size=batch_size, advance=advanced.append)
+    assert result.windows == 5 and result.tokens == 5 * 11
+    assert result.perplexity == pytest.approx(manual_perplexity(model, windows), rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(result.nll))
+    assert sum(advanced) == 5
+
+
+def test_random_model_is_near_uniform() -> None:
+    result = evaluate.perplexity(make_model("gpt2"), make_windows(2, 16))
+    assert 64 < result.perplexity < 256  # vocabulary of 128, untrained
+
+
+def test_a_nan_window_makes_the_perplexity_nan() -> None:
+    model = make_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = math.nan
+    result = evaluate.perplexity(model, make_windows(2, 8))
+    assert math.isnan(result.perplexity)
+
+
+def test_report_formatting() -> None:
+    assert human_bytes(512) == "512 B"
+    assert human_bytes(2048) == "2.0 KB"
+    assert human_bytes(3 * 1024**3) == "3.0 GB"
+    assert fmt_ppl(None) == "-"
+    assert fmt_ppl(12.345) == "12.35"
+    assert fmt_ppl(2.5e6) == "2.5e+06"
+
+
+def test_tables_have_a_row_per_entry() -> None:
+    rows = [
+        {"name": "dense", "params": 1000, "bytes": 4000, "perplexity": {"bbc": 10.0}},
+        {
+            "name": "whiten 0.2",
+            "params": 800,
+            "bytes": 3200,
+            "perplexity": {"bbc": 12.0},
+            "targeted_ratio": 0.2,
+            "model_ratio": 0.15,
+            "seconds": 3.0,
+        },
+    ]
+    assert summary_table(rows, ["bbc"]).row_count == 2
+    layers = {"a": {"out": 4, "in": 8, "rank": 2}, "b": {"out": 4, "in": 8, "rank": None}}
+    table = layer_table(layers, {"a": 0.1})
+    assert table.row_count == 2
+    assert list(table.columns[2].cells) == ["2", "dense"]
+    assert list(table.columns[3].cells) == ["75.0%", "100.0%"]

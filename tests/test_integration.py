@@ -1,0 +1,155 @@
+"""End to end on the real default model (SmolLM2-135M, cached under ~/.cache/rankwise).
+
+One module-scoped compression (whiten, ratio 0.2, 8 windows of 128 tokens) serves every test;
+the CLI test runs its own svd compression (no calibration) in subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import rankwise
+from rankwise import data, evaluate
+from rankwise.compress import count_parameters
+from rankwise.layers import LowRankLinear
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "The government said on Tuesday that"
+
+
+# One thread, here and in the child processes (conftest sets it for this process). On 2 cores with
+# any other load, 2 OpenMP threads made the factorization ~9x slower (svd: 137 s against 16 s).
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    loaded = rankwise.load_model("default")
+    tokenizer = loaded.tokenizer
+    assert tokenizer is not None
+    windows = data.eval_windows(tokenizer, ("bbc",), seq_len=512, count=2)["bbc"]
+    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+    dense_params = count_parameters(loaded.model)
+    dense_ppl = evaluate.perplexity(loaded.model, windows).perplexity
+
+    recipe = rankwise.Recipe(method="whiten", ratio=0.2, samples=8, seq_len=128)
+    result = rankwise.compress(loaded.model, recipe, tokenizer=tokenizer)
+    out = rankwise.save(result, str(tmp_path_factory.mktemp("whiten") / "model"), tokenizer)
+    with torch.no_grad():
+        logits = result.model(input_ids=ids).logits
+        generated = result.model.generate(ids, max_new_tokens=5, do_sample=False)
+    return {
+        "result": result,
+        "out": Path(out),
+        "tokenizer": tokenizer,
+        "windows": windows,
+        "ids": ids,
+        "logits": logits,
+        "generated": generated,
+        "dense_params": dense_params,
+        "dense_ppl": dense_ppl,
+    }
+
+
+def test_accounting(run: dict) -> None:
+    result = run["result"]
+    assert 0.2 <= result.targeted_ratio < 0.25
+    assert 0.0 < result.model_ratio < result.targeted_ratio
+    assert result.model_params_before == run["dense_params"]
+    assert count_parameters(result.model) == result.model_params_after
+    assert len(result.layers) == 30 * 7  # 30 blocks of q, k, v, o, gate, up, down
+    assert all(0.0 < layer.rel_error < 1.0 for layer in result.layers if layer.rank)
+
+
+def test_saved_model_loads_in_a_separate_process(run: dict, tmp_path: Path) -> None:
+    expected = tmp_path / "expected.pt"
+    torch.save(
+        {
+            "ids": run["ids"],
+            "logits": run["logits"],
+            "generated": run["generated"],
+            "params": torch.tensor(run["result"].model_params_after),
+        },
+        expected,
+    )
+    script = textwrap.dedent(
+        f"""
+        import torch
+        import rankwise
+        from rankwise.compress import count_parameters
+        from rankwise.layers import LowRankLinear
+
+        expected = torch.load({str(expected)!r}, weights_only=True)
+        model = rankwise.load({str(run["out"])!r})
+        assert any(isinstance(m, LowRankLinear) for m in model.modules())
+        assert count_parameters(model) == int(expected["params"]), count_parameters(model)
+        with torch.no_grad():
+            logits = model(input_ids=expected["ids"]).logits
+            generated = model.generate(expected["ids"], max_new_tokens=5, do_sample=False)
+        torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-4)
+        assert generated.shape[1] == expected["ids"].shape[1] + 5, generated.shape
+        assert torch.equal(generated, expected["generated"]), (generated, expected["generated"])
+        print("child ok")
+        """
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script], env=CHILD_ENV, capture_output=True, text=True, timeout=180
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert "child ok" in child.stdout
+
+
+def test_loaded_model_generates_text(run: dict) -> None:
+    loaded = rankwise.load_model(str(run["out"]))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ids = run["ids"]
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, ids.shape[1] + 5)
+    assert torch.equal(generated[:, : ids.shape[1]], ids)
+    text = tokenizer.decode(generated[0, ids.shape[1] :])
+    assert text.strip()
+
+
+def test_perplexity_is_finite_and_above_dense(run: dict) -> None:
+    compressed = evaluate.perplexity(run["result"].model, run["windows"])
+    assert compressed.windows == 2 and compressed.tokens == 2 * 511
+    assert math.isfinite(compressed.perplexity)
+    assert run["dense_ppl"] < compressed.perplexity < 50 * run["dense_ppl"]
+
+
+def test_cli_compress_and_eval(tmp_path: Path) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "rankwise", *args],
+            cwd=tmp_path,
+            env=CHILD_ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    made = cli("compress", "default", "--method", "svd", "--ratio", "0.2", "--samples", "2",
+               "--out", "D")  # fmt: skip
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert (tmp_path / "D" / "config.json").is_file()
+    assert (tmp_path / "D" / "tokenizer.json").is_file()
+    model = rankwise.load(tmp_path / "D")
+    assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 30 * 7
+
+    evaluated = cli("eval", "D", "--windows", "1", "--streams", "bbc", "--json", "F")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    row = json.loads((tmp_path / "F").read_text())
+    assert math.isfinite(row["perplexity"]["bbc"]) and row["perplexity"]["bbc"] > 1.0
+    assert row["params"] == count_parameters(model)
+    assert 0.2 <= row["targeted_ratio"] < 0.25

@@ -1,0 +1,193 @@
+"""Calibration statistics: what they hold, their file round trip, and reuse across ratios."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import clone, make_model, make_windows, model_output
+from safetensors.torch import save_file
+
+import rankwise
+from rankwise.calibrate import Statistics, collect
+from rankwise.errors import RankwiseError
+from rankwise.models import find_targets, linear_weight
+from rankwise.recipe import Recipe
+
+BOTH = frozenset({"input_gram", "fisher"})
+IDS = make_windows(2, 12, seed=7)
+
+
+def reference_grams(model: torch.nn.Module, names: list[str], windows: torch.Tensor) -> dict:
+    """X^T X of each target's input, gathered independently with plain forward hooks."""
+    grams = {n: 0.0 for n in names}
+    handles = []
+    for name in names:
+
+        def hook(module: torch.nn.Module, args: tuple, name: str = name) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            grams[name] = grams[name] + x.T @ x
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(input_ids=windows)
+    for handle in handles:
+        handle.remove()
+    return grams
+
+
+def reference_fisher(model: torch.nn.Module, names: list[str], windows: torch.Tensor) -> dict:
+    """Sum over windows of the squared LM-loss gradient, as an (out, in) matrix per target."""
+    model = clone(model)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    fisher = {n: torch.zeros_like(linear_weight(model.get_submodule(n))) for n in names}
+    for window in windows:
+        model.zero_grad()
+        model(input_ids=window[None], labels=window[None]).loss.backward()
+        for name in names:
+            module = model.get_submodule(name)
+            grad = module.weight.grad
+            if type(module).__name__ == "Conv1D":  # GPT-2 stores (in, out)
+                grad = grad.T
+            fisher[name] += grad.square()
+    return fisher
+
+
+LlamaStats = tuple[torch.nn.Module, list[str], Statistics]
+
+
+@pytest.fixture
+def llama_stats() -> LlamaStats:
+    model = make_model("llama")
+    names = find_targets(model)
+    return model, names, collect(model, names, make_windows(), BOTH, torch.float32)
+
+
+def test_grams_are_input_grams(llama_stats: LlamaStats) -> None:
+    model, names, stats = llama_stats
+    windows = make_windows()
+    expected = reference_grams(model, names, windows)
+    for name in names:
+        layer = stats.layers[name]
+        assert layer.input_gram.dtype == torch.float64
+        scale = float(expected[name].abs().max())  # float32 products: relative to the largest
+        torch.testing.assert_close(layer.input_gram, expected[name], rtol=1e-5, atol=1e-6 * scale)
+        assert layer.tokens == windows.numel()
+
+
+def test_layers_with_one_input_share_one_gram(llama_stats: LlamaStats) -> None:
+    _, _, stats = llama_stats
+    for block in (0, 1):
+        prefix = f"model.layers.{block}."
+        q, k, v, o = (
+            stats.layers[prefix + f"self_attn.{p}_proj"].input_gram for p in ("q", "k", "v", "o")
+        )
+        gate, up, down = (
+            stats.layers[prefix + f"mlp.{p}_proj"].input_gram for p in ("gate", "up", "down")
+        )
+        assert q is k is v
+        assert gate is up
+        assert o is not q and down is not gate
+
+
+def test_statistics_file_round_trip(llama_stats: LlamaStats, tmp_path: Path) -> None:
+    _, names, stats = llama_stats
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    loaded = Statistics.load(path)
+    assert list(loaded.layers) == list(stats.layers)
+    assert loaded.meta == stats.meta == {"windows": 4, "seq_len": 16, "dtype": "float32"}
+    for name in names:
+        a, b = stats.layers[name], loaded.layers[name]
+        assert torch.equal(a.input_gram, b.input_gram)
+        assert torch.equal(a.fisher, b.fisher)
+        assert a.tokens == b.tokens
+        assert b.input_gram.dtype == torch.float64 and b.fisher.dtype == torch.float32
+    # shared grams are stored once and stay one object after loading
+    for block in (0, 1):
+        prefix = f"model.layers.{block}.self_attn."
+        q, k, v = (loaded.layers[prefix + f"{p}_proj"].input_gram for p in ("q", "k", "v"))
+        assert q is k is v
+    assert loaded.has(BOTH, names)
+    assert not loaded.has({"fisher"}, [*names, "model.layers.9.mlp.up_proj"])
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_statistics_without_fisher_round_trip(tmp_path: Path) -> None:
+    model = make_model("gpt2")
+    names = find_targets(model)
+    stats = collect(model, names, make_windows(), frozenset({"input_gram"}), torch.float32)
+    stats.save(tmp_path / "s.safetensors")
+    loaded = Statistics.load(tmp_path / "s.safetensors")
+    assert loaded.has({"input_gram"}, names) and not loaded.has({"fisher"}, names)
+    assert all(loaded.layers[n].fisher is None for n in names)
+
+
+def test_loading_a_missing_or_foreign_file_is_a_rankwise_error(tmp_path: Path) -> None:
+    with pytest.raises(RankwiseError, match="not found"):
+        Statistics.load(tmp_path / "missing.safetensors")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(RankwiseError, match="not a rankwise statistics file"):
+        Statistics.load(tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fisher_is_summed_squared_gradient(family: str) -> None:
+    model = make_model(family)
+    names = find_targets(model)
+    windows = make_windows(3, 12)
+    stats = collect(model, names, windows, frozenset({"fisher"}), torch.float32)
+    expected = reference_fisher(model, names, windows)
+    for name in names:
+        torch.testing.assert_close(stats.layers[name].fisher, expected[name], rtol=1e-4, atol=1e-9)
+
+
+def test_fisher_leaves_requires_grad_alone() -> None:
+    model = make_model("llama")
+    rankwise.compress(model, Recipe(method="fwsvd", ratio=0.3, calib_dtype="float32"), windows=IDS)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["whiten", "fwsvd"])
+def test_ratio_sweep_from_saved_statistics_equals_fresh_runs(method: str, tmp_path: Path) -> None:
+    base = make_model("llama")
+    windows = make_windows()
+    path = tmp_path / "stats.safetensors"
+    first = rankwise.compress(
+        clone(base),
+        Recipe(method=method, ratio=0.2, stats=str(path), calib_dtype="float32"),
+        windows=windows,
+    )
+    assert path.is_file()  # written by the first run
+    assert first.recipe.stats == str(path)
+    for ratio in (0.2, 0.5):
+        # no windows and no tokenizer: only the saved statistics can make this work
+        reused = rankwise.compress(clone(base), Recipe(method=method, ratio=ratio, stats=str(path)))
+        fresh = rankwise.compress(
+            clone(base), Recipe(method=method, ratio=ratio, calib_dtype="float32"), windows=windows
+        )
+        assert reused.ranks == fresh.ranks
+        assert [r.rel_error for r in reused.layers] == [r.rel_error for r in fresh.layers]
+        assert torch.equal(model_output(reused.model, IDS), model_output(fresh.model, IDS))
+
+
+def test_statistics_missing_what_the_method_needs_are_gathered_again(tmp_path: Path) -> None:
+    base = make_model("llama")
+    windows = make_windows()
+    path = tmp_path / "stats.safetensors"
+    rankwise.compress(
+        clone(base),
+        Recipe(method="whiten", ratio=0.3, stats=str(path), calib_dtype="float32"),
+        windows=windows,
+    )
+    reused = rankwise.compress(
+        clone(base),
+        Recipe(method="fwsvd", ratio=0.3, stats=str(path), calib_dtype="float32"),
+        windows=windows,
+    )
+    fresh = rankwise.compress(
+        clone(base), Recipe(method="fwsvd", ratio=0.3, calib_dtype="float32"), windows=windows
+    )
+    assert torch.equal(model_output(reused.model, IDS), model_output(fresh.model, IDS))
