@@ -21,12 +21,15 @@ from rankwise.report import layer_table, summary_table
 console = Console()
 
 
-def measure_perplexity(
-    loaded: Loaded, streams: list[str], windows: int, reporter: RichReporter
-) -> dict[str, float]:
+def eval_token_windows(loaded: Loaded, streams: list[str], windows: int) -> dict:
     if loaded.tokenizer is None:
         raise RankwiseError(f"{loaded.source} has no tokenizer: cannot measure perplexity")
-    token_windows = data.eval_windows(loaded.tokenizer, tuple(streams), count=windows)
+    return data.eval_windows(loaded.tokenizer, tuple(streams), count=windows)
+
+
+def measure_perplexity(
+    loaded: Loaded, token_windows: dict, reporter: RichReporter
+) -> dict[str, float]:
     results = {}
     for stream, stream_windows in token_windows.items():
         with reporter.task(f"perplexity {stream}", total=len(stream_windows)) as advance:
@@ -36,24 +39,27 @@ def measure_perplexity(
     return results
 
 
-def _eval_cache_file(source: str, streams: list[str], windows: int) -> Path | None:
-    """Dense perplexities are cached: the reference model does not change between runs."""
+def _eval_cache_file(source: str, token_windows: dict) -> Path | None:
+    """Dense perplexities are cached, keyed by the model and the exact evaluation tokens."""
     if source != "default":
         path = Path(source)
         if not path.exists():
             return None
         source = f"{path.resolve()}:{path.stat().st_mtime_ns}"
-    key = hashlib.sha256(json.dumps([source, streams, windows, 512]).encode()).hexdigest()[:16]
-    return cache_dir() / "evals" / f"{key}.json"
+    digest = hashlib.sha256(source.encode())
+    for stream, ids in sorted(token_windows.items()):
+        digest.update(stream.encode())
+        digest.update(ids.numpy().tobytes())
+    return cache_dir() / "evals" / f"{digest.hexdigest()[:16]}.json"
 
 
 def dense_perplexity(
-    loaded: Loaded, spec: str, streams: list[str], windows: int, reporter: RichReporter
+    loaded: Loaded, spec: str, token_windows: dict, reporter: RichReporter
 ) -> dict[str, float]:
-    cache = _eval_cache_file(spec, streams, windows)
+    cache = _eval_cache_file(spec, token_windows)
     if cache is not None and cache.is_file():
         return json.loads(cache.read_text())
-    results = measure_perplexity(loaded, streams, windows, reporter)
+    results = measure_perplexity(loaded, token_windows, reporter)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(results))
@@ -92,9 +98,8 @@ def run_compress(
         loaded = load_model(recipe.model, trust_remote_code)
         advance(1)
     load_seconds = time.perf_counter() - start
-    dense_ppl = (
-        dense_perplexity(loaded, recipe.model, streams, eval_windows, reporter) if with_eval else {}
-    )
+    eval_tokens = eval_token_windows(loaded, streams, eval_windows) if with_eval else {}
+    dense_ppl = dense_perplexity(loaded, recipe.model, eval_tokens, reporter) if with_eval else {}
     start = time.perf_counter()
     result = compress(loaded.model, recipe, loaded.tokenizer, reporter=reporter)
     saved = rankwise.save(result, str(out), loaded.tokenizer, overwrite=overwrite)
@@ -102,9 +107,7 @@ def run_compress(
     compress_peak_mb = peak_memory_mb()  # before the compressed model is evaluated
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     reporter.log(f"load {load_seconds:.1f}s, {phases}, total with save {compress_seconds:.1f}s")
-    compressed_ppl = (
-        measure_perplexity(loaded, streams, eval_windows, reporter) if with_eval else {}
-    )
+    compressed_ppl = measure_perplexity(loaded, eval_tokens, reporter) if with_eval else {}
     figures = {
         "recipe": recipe.model_dump(mode="json"),
         "out": saved,
@@ -142,7 +145,7 @@ def run_eval(spec: str, streams: list[str], windows: int) -> dict[str, object]:
     params = count_parameters(loaded.model)
     path = Path(spec)
     on_disk = directory_bytes(path) if path.is_dir() else _bytes_fp32(params)
-    ppl = measure_perplexity(loaded, streams, windows, reporter)
+    ppl = measure_perplexity(loaded, eval_token_windows(loaded, streams, windows), reporter)
     row = {"name": spec, "params": params, "bytes": on_disk, "perplexity": ppl}
     if path.is_dir() and is_compressed_dir(path):
         block = json.loads((path / "config.json").read_text())["rankwise"]
