@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -308,3 +309,31 @@ def test_whiten_on_targets_outside_the_blocks_uses_a_whole_model_pass() -> None:
     assert isinstance(model.lm_head, LowRankLinear)
     assert {layer.name for layer in result.layers} == {"lm_head", "model.layers.0.mlp.down_proj"}
     assert all(0.0 < layer.rel_error < 1.0 for layer in result.layers)
+
+
+def test_sequential_equals_compressing_block_by_block_by_hand() -> None:
+    """Sequential: block k's statistics come from the model whose blocks before k are compressed.
+
+    Ratio 0.25 gives every tiny-llama layer a whole rank, so allocating per block or for the whole
+    model gives the same ranks and only the statistics can differ.
+    """
+    windows = make_windows()
+    base = make_model("llama")
+    by_hand = copy.deepcopy(base)
+    hand_ranks = {}
+    for block in ("0", "1"):
+        targets = [rf"layers\.{block}\.(self_attn|mlp)\.\w+_proj$"]
+        recipe = Recipe(
+            method="whiten", ratio=0.25, targets=targets, calib_dtype="float32", sequential=False
+        )
+        hand_ranks.update(rankwise.compress(by_hand, recipe, windows=windows).ranks)
+    sequential = copy.deepcopy(base)
+    recipe = Recipe(method="whiten", ratio=0.25, calib_dtype="float32", sequential=True)
+    assert rankwise.compress(sequential, recipe, windows=windows).ranks == hand_ranks
+    torch.testing.assert_close(
+        model_output(sequential, IDS), model_output(by_hand, IDS), atol=1e-5, rtol=1e-4
+    )
+    one_pass = copy.deepcopy(base)
+    recipe = Recipe(method="whiten", ratio=0.25, calib_dtype="float32", sequential=False)
+    rankwise.compress(one_pass, recipe, windows=windows)
+    assert not torch.allclose(model_output(one_pass, IDS), model_output(sequential, IDS))

@@ -166,7 +166,9 @@ def test_ratio_sweep_from_saved_statistics_equals_fresh_runs(method: str, tmp_pa
         # no windows and no tokenizer: only the saved statistics can make this work
         reused = rankwise.compress(clone(base), Recipe(method=method, ratio=ratio, stats=str(path)))
         fresh = rankwise.compress(
-            clone(base), Recipe(method=method, ratio=ratio, calib_dtype="float32"), windows=windows
+            clone(base),
+            Recipe(method=method, ratio=ratio, calib_dtype="float32", sequential=False),
+            windows=windows,
         )
         assert reused.ranks == fresh.ranks
         assert [r.rel_error for r in reused.layers] == [r.rel_error for r in fresh.layers]

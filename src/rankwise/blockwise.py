@@ -44,6 +44,14 @@ def find_blocks(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList]
     raise CalibrationError("targets do not all sit inside one list of blocks")
 
 
+def in_one_block_list(model: nn.Module, names: list[str]) -> bool:
+    try:
+        find_blocks(model, names)
+    except CalibrationError:
+        return False
+    return True
+
+
 def _cast(value: object, dtype: torch.dtype) -> object:
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value.to(dtype)

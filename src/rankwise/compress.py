@@ -15,6 +15,7 @@ from torch import nn
 
 from rankwise import calibrate
 from rankwise.allocate import LayerShape, allocate_uniform, targeted_params
+from rankwise.blockwise import in_one_block_list
 from rankwise.calibrate import Statistics
 from rankwise.data import calibration_windows
 from rankwise.errors import CalibrationError, NonFiniteWeightsError
@@ -222,7 +223,7 @@ def compress(
 
     with reporter.task("factorizing", total=len(shapes)) as advance:
         loop = LayerLoop(model, method, recipe, reporter, ranks, advance)
-        if recipe.sequential and "input_gram" in method.needs:
+        if sequential_applies(model, names, method, recipe, reporter):
             with timer.phase("calibrate+factorize"):
                 compress_sequential(model, names, shapes, loop, recipe, windows)
         else:
@@ -237,6 +238,18 @@ def compress(
     return Compressed(
         model, recipe, reports, params_before, count_parameters(model), dense, kept, timer.seconds
     )
+
+
+def sequential_applies(
+    model: nn.Module, names: list[str], method: Method, recipe: Recipe, reporter: Reporter
+) -> bool:
+    """Sequential calibration needs grams, fresh statistics, and targets inside the blocks."""
+    if not (recipe.sequential and not recipe.stats and "input_gram" in method.needs):
+        return False
+    if not in_one_block_list(model, names):
+        reporter.log("targets are not all inside one list of blocks: one whole-model pass")
+        return False
+    return True
 
 
 def compress_sequential(

@@ -56,7 +56,10 @@ class Recipe(BaseModel):
     samples: int = Field(default=128, ge=1)
     seq_len: int = Field(default=512, ge=2)
     calib_dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    sequential: bool = False
+    # Block k calibrated on the model whose blocks before k are compressed (measured better at
+    # every ratio: bench/results/sequential.md). A statistics file (`stats`) holds the dense
+    # model's statistics, reusable across ratios, so giving one implies a single pass.
+    sequential: bool = True
     stats: str | None = None  # statistics file to reuse (safetensors); written if missing
     # method options
     eig_floor: float = Field(default=1e-6, gt=0.0, lt=1.0)
