@@ -27,6 +27,7 @@ def run_one(model: str, method: str, ratio: float, stats: Path, sequential: bool
         command = [sys.executable, "-m", "rankwise", "compress", model, "--method", method,
                    "--ratio", str(ratio), "--out", str(out), "--eval", "--eval-windows",
                    str(windows), "--json", str(figures), *extra]
+        # --stats: the dense model's statistics, gathered once per method, one pass.
         command += ["--sequential"] if sequential else ["--stats", str(stats)]
         start = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -50,7 +51,8 @@ def table(rows: list[dict], streams: list[str]) -> str:
         calib = phases.get("calibrate", phases.get("calibrate+factorize", 0.0))
         lines.append(
             f"| {row['recipe']['model']} | {row['recipe']['method']}"
-            f"{' seq' if row['recipe']['sequential'] else ''} | {row['recipe']['ratio']:g} | "
+            f"{' seq' if row['recipe']['sequential'] and not row['recipe']['stats'] else ''} | "
+            f"{row['recipe']['ratio']:g} | "
             f"{c['targeted_ratio']:.1%} | {c['model_ratio']:.1%} | {c['params']:,} | "
             f"{c['bytes'] / 1e6:.1f} MB | "
             + " | ".join(fmt(c["perplexity"][s]) for s in streams)

@@ -14,44 +14,32 @@ from torch import nn
 
 VOCAB = 128
 
+# Sizes shared by the tiny decoder families (llama, qwen2, gemma3).
+TINY_DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
 # family -> (config class, model class, config kwargs); all tiny, all random.
 FAMILIES: dict[str, tuple[type, type, dict]] = {
     "llama": (
         transformers.LlamaConfig,
         transformers.LlamaForCausalLM,
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        ),
+        TINY_DECODER,
     ),
     "qwen2": (
         transformers.Qwen2Config,
         transformers.Qwen2ForCausalLM,
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        ),
+        TINY_DECODER,
     ),
     "gemma3": (
         transformers.Gemma3TextConfig,
         transformers.Gemma3ForCausalLM,
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-        ),
+        dict(TINY_DECODER, head_dim=16),
     ),
     "gpt2": (
         transformers.GPT2Config,
