@@ -165,7 +165,8 @@ def collect_grams(
 
     `after_block(names, stats)` sees each block's statistics as soon as they are complete; if it
     returns True it has compressed that block, and the next block's inputs are recomputed
-    through the compressed block (sequential calibration).
+    through the compressed block (sequential calibration). With `after_block`, grams are not
+    kept past their block (the result is empty): memory holds one block's statistics.
     """
     try:
         list_name, _ = find_blocks(model, names)
@@ -184,10 +185,12 @@ def collect_grams(
         finally:
             collector.remove()
         block_stats = {prefix + n: s for n, s in collector.stats().items()}
-        results.update(block_stats)
         if progress:
             progress(1)
-        return after_block(list(block_stats), block_stats) if after_block else False
+        if after_block is not None:  # sequential: the block is compressed, its grams dropped
+            return after_block(list(block_stats), block_stats)
+        results.update(block_stats)
+        return False
 
     run_blocks(model, names, windows, dtype, on_block)
     return results
