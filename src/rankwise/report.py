@@ -6,11 +6,12 @@ from rich.table import Table
 
 
 def human_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(count) < 1024 or unit == "GB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= 1024
-    return f"{count:.1f} GB"
+    """Decimal units (1 MB = 10^6 bytes), as the bench tables use."""
+    for unit in ("B", "KB", "MB"):
+        if abs(count) < 1000:
+            return f"{int(count)} B" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.2f} GB"
 
 
 def fmt_ppl(value: float | None) -> str:
