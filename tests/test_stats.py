@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import clone, make_model, make_windows, model_output
+from conftest import clone, make_model, make_windows, model_output, word_text, word_tokenizer
 from safetensors.torch import save_file
 
 import rankwise
@@ -193,3 +193,26 @@ def test_statistics_missing_what_the_method_needs_are_gathered_again(tmp_path: P
         clone(base), Recipe(method="fwsvd", ratio=0.3, calib_dtype="float32"), windows=windows
     )
     assert torch.equal(model_output(reused.model, IDS), model_output(fresh.model, IDS))
+
+
+def test_statistics_file_without_what_the_method_needs_calibrates_from_the_tokenizer(
+    tmp_path: Path,
+) -> None:
+    """A grams-only file given to fwsvd: windows come from the recipe's text, as in a CLI run."""
+    text_file = tmp_path / "calib.txt"
+    text_file.write_text(word_text(4 * 16))
+    path = tmp_path / "stats.safetensors"
+    common = dict(
+        ratio=0.3,
+        stats=str(path),
+        calib=str(text_file),
+        samples=4,
+        seq_len=16,
+        calib_dtype="float32",
+    )
+    tokenizer = word_tokenizer()
+    rankwise.compress(make_model("llama"), Recipe(method="whiten", **common), tokenizer=tokenizer)
+    result = rankwise.compress(
+        make_model("llama"), Recipe(method="fwsvd", **common), tokenizer=tokenizer
+    )
+    assert Statistics.load(path).has({"fisher"}, list(result.ranks))

@@ -120,6 +120,7 @@ def gather_statistics(
     names: list[str],
     method: Method,
     recipe: Recipe,
+    tokenizer: object | None,
     windows: torch.Tensor | None,
     reporter: Reporter,
 ) -> Statistics:
@@ -131,6 +132,7 @@ def gather_statistics(
         if stats.has(method.needs, names):
             reporter.log(f"statistics reused from {recipe.stats}")
             return stats
+    windows = resolve_windows(recipe, tokenizer, windows, reporter)
     dtype = getattr(torch, recipe.calib_dtype)
     total = calibrate.count_blocks(model, names) * ("input_gram" in method.needs) + len(windows) * (
         "fisher" in method.needs
@@ -218,17 +220,18 @@ def compress(
     shapes = {n: LayerShape(n, *linear_weight(model.get_submodule(n)).shape) for n in names}
     with timer.phase("allocate"):
         ranks = allocate_uniform(list(shapes.values()), recipe.ratio, recipe.overrides)
-    if method.needs and not (recipe.stats and Path(recipe.stats).is_file()):
-        windows = resolve_windows(recipe, tokenizer, windows, reporter)
 
     with reporter.task("factorizing", total=len(shapes)) as advance:
         loop = LayerLoop(model, method, recipe, reporter, ranks, advance)
         if sequential_applies(model, names, method, recipe, reporter):
             with timer.phase("calibrate+factorize"):
+                windows = resolve_windows(recipe, tokenizer, windows, reporter)
                 compress_sequential(model, names, shapes, loop, recipe, windows)
         else:
             with timer.phase("calibrate"):
-                stats = gather_statistics(model, names, method, recipe, windows, reporter)
+                stats = gather_statistics(
+                    model, names, method, recipe, tokenizer, windows, reporter
+                )
             with timer.phase("factorize"):
                 for name in names:
                     loop(shapes[name], stats.layers[name])

@@ -34,14 +34,14 @@ class Whiten:
     needs: frozenset[str] = frozenset({"input_gram"})
 
     def __init__(self) -> None:
-        # q/k/v (and gate/up) share one input gram: decompose it once per run.
-        self._bases: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # q/k/v (and gate/up) share one input gram and are factorized one after another: keep
+        # the last decomposition only, so finished blocks' grams and bases can be freed.
+        self._last: tuple[torch.Tensor, float, torch.Tensor, torch.Tensor] | None = None
 
     def _basis(self, gram: torch.Tensor, eig_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
-        key = id(gram)
-        if key not in self._bases or self._bases[key][0] is not gram:
-            self._bases[key] = (gram, *whitening_basis(gram, eig_floor))
-        return self._bases[key][1], self._bases[key][2]
+        if self._last is None or self._last[0] is not gram or self._last[1] != eig_floor:
+            self._last = (gram, eig_floor, *whitening_basis(gram, eig_floor))
+        return self._last[2], self._last[3]
 
     def factorize(
         self, weight: torch.Tensor, stats: LayerStats, rank: int, options: MethodOptions
