@@ -3,6 +3,8 @@
 - `input_gram`: X^T X of the layer's input over all calibration tokens, accumulated in float64
   (each batch's product in float32, summed into the float64 total).
   Layers that share an input tensor (q/k/v, gate/up) share one gram, computed once.
+- `output_fisher`: mean squared gradient of the LM loss w.r.t. each target's output units
+  (batches of windows; no weight gradients): how much the loss feels an error in that output.
 - `fisher`: summed squared gradients of the LM loss w.r.t. each weight, one window at a time
   (the empirical Fisher needs per-sample gradients, not the gradient of a batch).
 
@@ -59,6 +61,9 @@ class Statistics:
             if stats.fisher is not None:
                 tensors[f"fisher.{name}"] = stats.fisher.contiguous()
                 entry["fisher"] = f"fisher.{name}"
+            if stats.output_fisher is not None:
+                tensors[f"output_fisher.{name}"] = stats.output_fisher.contiguous()
+                entry["output_fisher"] = f"output_fisher.{name}"
             index[name] = entry
         metadata = {"index": json.dumps(index), "meta": json.dumps(self.meta)}
         path = Path(path)
@@ -85,6 +90,7 @@ class Statistics:
                 input_gram=tensors.get(entry.get("input_gram", "")),
                 tokens=int(entry["tokens"]),
                 fisher=tensors.get(entry.get("fisher", "")),
+                output_fisher=tensors.get(entry.get("output_fisher", "")),
             )
         return cls(layers, json.loads(metadata.get("meta", "{}")))
 
@@ -258,6 +264,53 @@ def collect_fisher(
     return fisher
 
 
+def collect_output_fisher(
+    model: nn.Module,
+    names: list[str],
+    windows: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+    batch_size: int = 4,
+) -> dict[str, torch.Tensor]:
+    """Per target (out,): mean over tokens of (d loss / d output)^2, in float64.
+
+    The loss is the summed token loss of each window, so a window's gradient does not depend on
+    the batch it shares. Only input gradients flow (weights are frozen in a private copy).
+    """
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise RankwiseError("importance needs a language model head (a causal LM)")
+    runner = copy.deepcopy(model).to(dtype).requires_grad_(False)
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            outputs[name] = output
+
+        return hook
+
+    handles = [runner.get_submodule(n).register_forward_hook(keep(n)) for n in names]
+    totals = {n: torch.zeros((), dtype=torch.float64) for n in names}
+    tokens = 0
+    try:
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start : start + batch_size]  # (batch, seq)
+            embeds = runner.get_input_embeddings()(batch).detach().requires_grad_(True)
+            loss = runner(inputs_embeds=embeds, labels=batch, use_cache=False).loss
+            predicted = batch.shape[0] * (batch.shape[1] - 1)
+            grads = torch.autograd.grad(loss * predicted, [outputs[n] for n in names])
+            for name, grad in zip(names, grads, strict=True):
+                flat = grad.reshape(-1, grad.shape[-1]).float()  # (tokens, out)
+                totals[name] = totals[name] + flat.square().sum(0).double()
+            tokens += batch.numel()
+            outputs.clear()
+            if progress:
+                progress(len(batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: total / tokens for n, total in totals.items()}
+
+
 def collect(
     model: nn.Module,
     names: list[str],
@@ -266,7 +319,7 @@ def collect(
     dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
 ) -> Statistics:
-    """Gather what a method `needs` ("input_gram", "fisher") for every target."""
+    """Gather what is `needed` ("input_gram", "fisher", "output_fisher") for every target."""
     if len(windows) == 0:
         raise CalibrationError("no calibration windows")
     stats = Statistics(
@@ -284,4 +337,7 @@ def collect(
         runner = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
         for name, value in collect_fisher(runner, names, windows, progress).items():
             stats.layers[name].fisher = value
+    if "output_fisher" in needs:
+        for name, value in collect_output_fisher(model, names, windows, dtype, progress).items():
+            stats.layers[name].output_fisher = value
     return stats

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from rankwise import calibrate
+from rankwise import calibrate, importance
 from rankwise.allocate import LayerShape, allocate_uniform, targeted_params
 from rankwise.blockwise import in_one_block_list
 from rankwise.calibrate import Statistics
-from rankwise.data import calibration_windows
-from rankwise.errors import CalibrationError, NonFiniteWeightsError
+from rankwise.errors import NonFiniteWeightsError
+from rankwise.gather import gather_statistics, resolve_windows
 from rankwise.layers import LowRankLinear
 from rankwise.methods import Factors, LayerStats, Method, MethodOptions, get_method
 from rankwise.models import as_linear, find_targets, linear_weight, set_module
@@ -33,6 +32,7 @@ class LayerReport:
     in_features: int
     rank: int | None  # None: kept dense
     rel_error: float  # sqrt(dropped / total energy) of the method's spectrum; 0 when dense
+    est_loss: float | None = None  # importance allocation's estimated loss increase
 
     @property
     def kept_fraction(self) -> float:
@@ -115,52 +115,6 @@ def factorize_layer(
     return factors
 
 
-def gather_statistics(
-    model: nn.Module,
-    names: list[str],
-    method: Method,
-    recipe: Recipe,
-    tokenizer: object | None,
-    windows: torch.Tensor | None,
-    reporter: Reporter,
-) -> Statistics:
-    """Load reusable statistics (recipe.stats) if they hold what the method needs, else gather."""
-    if not method.needs:
-        return Statistics({n: LayerStats() for n in names})
-    if recipe.stats and Path(recipe.stats).is_file():
-        stats = Statistics.load(recipe.stats)
-        if stats.has(method.needs, names):
-            reporter.log(f"statistics reused from {recipe.stats}")
-            return stats
-    windows = resolve_windows(recipe, tokenizer, windows, reporter)
-    dtype = getattr(torch, recipe.calib_dtype)
-    total = calibrate.count_blocks(model, names) * ("input_gram" in method.needs) + len(windows) * (
-        "fisher" in method.needs
-    )
-    with reporter.task("calibrating", total=total) as advance:
-        stats = calibrate.collect(model, names, windows, method.needs, dtype, advance)
-    if recipe.stats:
-        stats.save(recipe.stats)
-        reporter.log(f"statistics saved to {recipe.stats}")
-    return stats
-
-
-def resolve_windows(
-    recipe: Recipe, tokenizer: object | None, windows: torch.Tensor | None, reporter: Reporter
-) -> torch.Tensor:
-    if windows is not None:
-        return windows
-    if tokenizer is None:
-        raise CalibrationError("calibration needs a tokenizer or token windows")
-    windows = calibration_windows(tokenizer, recipe.calib, recipe.samples, recipe.seq_len)
-    if len(windows) < recipe.samples:
-        reporter.log(
-            f"calibration text gives {len(windows)} windows of {recipe.seq_len} tokens "
-            f"(asked {recipe.samples})"
-        )
-    return windows
-
-
 class LayerLoop:
     """Factorizes layers one by one, logging a line per layer and keeping the reports."""
 
@@ -218,29 +172,105 @@ def compress(
     method = get_method(recipe.method)
     params_before = count_parameters(model)
     shapes = {n: LayerShape(n, *linear_weight(model.get_submodule(n)).shape) for n in names}
-    with timer.phase("allocate"):
-        ranks = allocate_uniform(list(shapes.values()), recipe.ratio, recipe.overrides)
+    plan = Plan(model, names, shapes, method, recipe, reporter, timer)
 
-    with reporter.task("factorizing", total=len(shapes)) as advance:
-        loop = LayerLoop(model, method, recipe, reporter, ranks, advance)
-        if sequential_applies(model, names, method, recipe, reporter):
+    if sequential_applies(model, names, method, recipe, reporter):
+        windows = resolve_windows(recipe, tokenizer, windows, reporter)
+        ranks = plan.ranks(windows=windows)
+        with reporter.task("factorizing", total=len(shapes)) as advance:
+            loop = plan.loop(ranks, advance)
             with timer.phase("calibrate+factorize"):
-                windows = resolve_windows(recipe, tokenizer, windows, reporter)
                 compress_sequential(model, names, shapes, loop, recipe, windows)
-        else:
-            with timer.phase("calibrate"):
-                stats = gather_statistics(
-                    model, names, method, recipe, tokenizer, windows, reporter
-                )
-            with timer.phase("factorize"):
-                for name in names:
-                    loop(shapes[name], stats.layers[name])
+    else:
+        needs = method.needs | ({"output_fisher"} if needs_output_fisher(recipe) else set())
+        with timer.phase("calibrate"):
+            stats = gather_statistics(model, names, needs, recipe, tokenizer, windows, reporter)
+        ranks = plan.ranks(stats=stats)
+        with reporter.task("factorizing", total=len(shapes)) as advance, timer.phase("factorize"):
+            loop = plan.loop(ranks, advance)
+            for name in names:
+                loop(shapes[name], stats.layers[name])
 
     dense, kept = targeted_params(list(shapes.values()), ranks)
+    reporter.log(
+        f"targeted ratio: requested {recipe.ratio:.4f}, achieved {1 - kept / dense:.4f} "
+        f"({recipe.allocation} allocation)"
+    )
     reports = [loop.reports[n] for n in names]
+    for report in reports:
+        report.est_loss = plan.estimated_loss(report.name, report.rank)
     return Compressed(
         model, recipe, reports, params_before, count_parameters(model), dense, kept, timer.seconds
     )
+
+
+@dataclass
+class Plan:
+    """Chooses ranks (uniform, or importance from spectra and output Fisher) for one run."""
+
+    model: nn.Module
+    names: list[str]
+    shapes: dict[str, LayerShape]
+    method: Method
+    recipe: Recipe
+    reporter: Reporter
+    timer: Timer
+    gains: dict[str, torch.Tensor] = field(default_factory=dict)
+    _spectra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def ranks(
+        self, stats: Statistics | None = None, windows: torch.Tensor | None = None
+    ) -> dict[str, int | None]:
+        """With `stats` (one pass) spectra come from them; else from a dense blockwise pass."""
+        recipe = self.recipe
+        if recipe.allocation == "uniform":
+            with self.timer.phase("allocate"):
+                return allocate_uniform(list(self.shapes.values()), recipe.ratio, recipe.overrides)
+        options = MethodOptions(eig_floor=recipe.eig_floor)
+        if stats is None:
+            stats = self._importance_statistics(windows, options)
+            spectra = self._spectra
+        else:
+            with self.timer.phase("spectra"):
+                spectra = importance.spectra_from_stats(
+                    self.model, self.names, self.method, stats, options
+                )
+        fisher = {n: stats.layers[n].output_fisher for n in self.names}
+        with self.timer.phase("allocate"):
+            ranks, self.gains = importance.allocate(self.shapes, spectra, fisher, recipe)
+        self.reporter.log(f"importance allocation in {self.timer.seconds['allocate']:.2f} s")
+        return ranks
+
+    def _importance_statistics(self, windows: torch.Tensor, options: MethodOptions) -> Statistics:
+        """Dense spectra and output Fisher on the first `importance_samples` windows."""
+        subset = importance.importance_windows(self.recipe, windows)
+        dtype = getattr(torch, self.recipe.calib_dtype)
+        blocks = calibrate.count_blocks(self.model, self.names)
+        fisher: dict[str, torch.Tensor] = {}
+        want_fisher = needs_output_fisher(self.recipe)
+        with self.reporter.task("importance", total=blocks + len(subset) * want_fisher) as advance:
+            with self.timer.phase("importance spectra"):
+                self._spectra = importance.spectra_blockwise(
+                    self.model, self.names, self.method, subset, dtype, options, advance
+                )
+            if want_fisher:
+                with self.timer.phase("importance fisher"):
+                    fisher = calibrate.collect_output_fisher(
+                        self.model, self.names, subset, dtype, advance
+                    )
+        return Statistics({n: LayerStats(output_fisher=fisher.get(n)) for n in self.names})
+
+    def loop(self, ranks: dict[str, int | None], advance: Callable[[int], None]) -> LayerLoop:
+        return LayerLoop(self.model, self.method, self.recipe, self.reporter, ranks, advance)
+
+    def estimated_loss(self, name: str, rank: int | None) -> float | None:
+        if name not in self.gains:
+            return None
+        return importance.estimated_loss(self.gains[name], rank)
+
+
+def needs_output_fisher(recipe: Recipe) -> bool:
+    return recipe.allocation == "importance" and recipe.importance_estimator == "fisher"
 
 
 def sequential_applies(

@@ -61,6 +61,13 @@ class Recipe(BaseModel):
     # model's statistics, reusable across ratios, so giving one implies a single pass.
     sequential: bool = True
     stats: str | None = None  # statistics file to reuse (safetensors); written if missing
+    # importance allocation: windows (the first of the calibration set) for the output Fisher
+    # and, with sequential calibration, for the dense spectra
+    importance_samples: int = Field(default=32, ge=1)
+    # how a layer's output error becomes estimated loss (docs/allocation in README):
+    # "fisher" weights it by the output Fisher, "output_error" takes it raw, "relative" divides
+    # it by the layer's total (every layer's relative error counts the same)
+    importance_estimator: Literal["fisher", "output_error", "relative"] = "fisher"
     # method options
     eig_floor: float = Field(default=1e-6, gt=0.0, lt=1.0)
     seed: int = 0

@@ -20,6 +20,9 @@ class LayerStats:
     input_gram: torch.Tensor | None = None  # (in, in) float64, sum of x x^T over tokens
     tokens: int = 0
     fisher: torch.Tensor | None = None  # (out, in) float32, summed squared gradients
+    # (out,) float64: mean over calibration tokens of the squared loss gradient w.r.t. each
+    # output unit; turns a layer's output error into an estimated loss increase (allocation)
+    output_fisher: torch.Tensor | None = None
 
 
 @dataclass
@@ -44,6 +47,13 @@ class Method(Protocol):
     def factorize(
         self, weight: torch.Tensor, stats: LayerStats, rank: int, options: MethodOptions
     ) -> Factors: ...
+
+    def spectrum(
+        self, weight: torch.Tensor, stats: LayerStats, options: MethodOptions
+    ) -> torch.Tensor:
+        """Singular values (min(out, in),) in the method's error metric: truncating to rank r
+        costs sum(spectrum[r:]**2) there. Allocation reads every layer's curve from this."""
+        ...
 
 
 def split_singular(

@@ -28,12 +28,22 @@ class FWSVD:
     def factorize(
         self, weight: torch.Tensor, stats: LayerStats, rank: int, options: MethodOptions
     ) -> Factors:
-        if stats.fisher is None:
-            raise CalibrationError("fwsvd needs calibration statistics (fisher)")
+        scaled = self._scaled(weight, stats, options)  # (out, in)
         weights = row_weights(stats.fisher, options.eig_floor)  # (out,)
-        scaled = weight.double() * weights[:, None]  # (out, in)
         u, s, vh = torch.linalg.svd(scaled.float(), full_matrices=False)
         left, right = split_singular(u, s, vh, rank)  # (out, rank), (rank, in)
         left = left.double() / weights[:, None]  # fold the row weights back out
         dtype = weight.dtype
         return Factors(left.to(dtype), right.to(dtype), spectrum=s.float())
+
+    def spectrum(
+        self, weight: torch.Tensor, stats: LayerStats, options: MethodOptions
+    ) -> torch.Tensor:
+        return torch.linalg.svdvals(self._scaled(weight, stats, options).float())
+
+    @staticmethod
+    def _scaled(weight: torch.Tensor, stats: LayerStats, options: MethodOptions) -> torch.Tensor:
+        if stats.fisher is None:
+            raise CalibrationError("fwsvd needs calibration statistics (fisher)")
+        weights = row_weights(stats.fisher, options.eig_floor)  # (out,)
+        return weight.double() * weights[:, None]  # (out, in)

@@ -17,3 +17,8 @@ class SVD:
         u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)  # (out,k) (k,) (k,in)
         left, right = split_singular(u, s, vh, rank)
         return Factors(left.to(weight.dtype), right.to(weight.dtype), spectrum=s)
+
+    def spectrum(
+        self, weight: torch.Tensor, stats: LayerStats, options: MethodOptions
+    ) -> torch.Tensor:
+        return torch.linalg.svdvals(weight.float())

@@ -38,7 +38,10 @@ class Whiten:
         # the last decomposition only, so finished blocks' grams and bases can be freed.
         self._last: tuple[torch.Tensor, float, torch.Tensor, torch.Tensor] | None = None
 
-    def _basis(self, gram: torch.Tensor, eig_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _basis(self, stats: LayerStats, eig_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if stats.input_gram is None:
+            raise CalibrationError("whiten needs calibration statistics (input_gram)")
+        gram = stats.input_gram
         if self._last is None or self._last[0] is not gram or self._last[1] != eig_floor:
             self._last = (gram, eig_floor, *whitening_basis(gram, eig_floor))
         return self._last[2], self._last[3]
@@ -46,9 +49,7 @@ class Whiten:
     def factorize(
         self, weight: torch.Tensor, stats: LayerStats, rank: int, options: MethodOptions
     ) -> Factors:
-        if stats.input_gram is None:
-            raise CalibrationError("whiten needs calibration statistics (input_gram)")
-        eigvecs, roots = self._basis(stats.input_gram, options.eig_floor)
+        eigvecs, roots = self._basis(stats, options.eig_floor)
         scaled = (weight.double() @ eigvecs) * roots  # (out, in): W Q diag(sqrt lam)
         # The SVD in float32 is 2x faster and exact to ~1e-6 relative; the basis stays float64.
         u, s, vh = torch.linalg.svd(scaled.float(), full_matrices=False)  # (out,k) (k,) (k,in)
@@ -56,3 +57,10 @@ class Whiten:
         right = (right_white.double() / roots) @ eigvecs.T  # (rank, in): undo the whitening
         dtype = weight.dtype
         return Factors(left.to(dtype), right.to(dtype), spectrum=s.float())
+
+    def spectrum(
+        self, weight: torch.Tensor, stats: LayerStats, options: MethodOptions
+    ) -> torch.Tensor:
+        eigvecs, roots = self._basis(stats, options.eig_floor)
+        scaled = (weight.double() @ eigvecs) * roots  # (out, in)
+        return torch.linalg.svdvals(scaled.float())
