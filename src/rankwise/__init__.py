@@ -46,6 +46,7 @@ def save(
                 "in": layer.in_features,
                 "rank": layer.rank,
                 "rel_error": layer.rel_error,
+                "est_loss": layer.est_loss,
             }
             for layer in result.layers
         ],

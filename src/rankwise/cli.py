@@ -40,6 +40,12 @@ def compress_cmd(
     calib_dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16")] = None,
     sequential: Annotated[bool | None, typer.Option("--sequential/--no-sequential")] = None,
     stats: Annotated[str | None, typer.Option(help="statistics file to reuse/write")] = None,
+    importance_estimator: Annotated[
+        str | None, typer.Option(help="fisher | output_error | relative")
+    ] = None,
+    importance_samples: Annotated[
+        int | None, typer.Option(help="windows for the importance pass")
+    ] = None,
     recipe: Annotated[Path | None, typer.Option(help="recipe YAML; flags override it")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="measure perplexity")] = False,
@@ -64,6 +70,8 @@ def compress_cmd(
         calib_dtype=calib_dtype,
         sequential=sequential,
         stats=stats,
+        importance_estimator=importance_estimator,
+        importance_samples=importance_samples,
     )
     figures = run_compress(chosen, out, overwrite, evaluate, eval_windows, trust_remote_code)
     if json_out:

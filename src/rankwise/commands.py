@@ -160,8 +160,7 @@ def run_inspect(directory: Path) -> None:
         raise RankwiseError(f"not a rankwise model directory: {directory}")
     block = json.loads((directory / "config.json").read_text())["rankwise"]
     targets = {t["name"]: t for t in block.get("targets", [])} or block.get("layers", {})
-    errors = {name: t["rel_error"] for name, t in targets.items() if "rel_error" in t}
-    console.print(layer_table(targets, errors))
+    console.print(layer_table(targets))
     console.print(
         f"method {block.get('method')}, requested ratio {block.get('ratio')}, "
         f"targeted removed {block.get('targeted_ratio', 0):.2%}, "

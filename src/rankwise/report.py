@@ -42,22 +42,37 @@ def summary_table(rows: list[dict[str, object]], streams: list[str]) -> Table:
     return table
 
 
-def layer_table(
-    layers: dict[str, dict[str, object]], errors: dict[str, float] | None = None
-) -> Table:
-    """Per-layer: name, shape, rank, kept %, estimated relative error."""
-    table = Table(title="layers")
-    for column in ("layer", "shape", "rank", "kept", "rel. error"):
+def layer_table(layers: dict[str, dict[str, object]]) -> Table:
+    """Per-layer: name, shape, rank, kept %, relative error in the method's metric, and (for
+    importance allocation) the estimated loss increase; then the totals."""
+    estimated = any(layer.get("est_loss") is not None for layer in layers.values())
+    table = Table(title="layers", show_footer=True)
+    columns = ["layer", "shape", "rank", "kept", "rel. error"] + ["est. loss"] * estimated
+    for column in columns:
         table.add_column(column, justify="left" if column == "layer" else "right")
+    dense_total = kept_total = 0
+    loss_total = 0.0
     for name, layer in layers.items():
         out_f, in_f, rank = int(layer["out"]), int(layer["in"]), layer.get("rank")
-        kept = 1.0 if rank is None else int(rank) * (out_f + in_f) / (out_f * in_f)
-        error = (errors or {}).get(name)
-        table.add_row(
+        kept_params = out_f * in_f if rank is None else int(rank) * (out_f + in_f)
+        dense_total, kept_total = dense_total + out_f * in_f, kept_total + kept_params
+        error, loss = layer.get("rel_error"), layer.get("est_loss")
+        loss_total += float(loss or 0.0)
+        row = [
             name,
             f"{out_f}x{in_f}",
             "dense" if rank is None else str(rank),
-            f"{kept:.1%}",
-            "-" if error is None else f"{error:.4f}",
-        )
+            f"{kept_params / (out_f * in_f):.1%}",
+            "-" if error is None else f"{float(error):.4f}",
+        ] + (["-" if loss is None else f"{float(loss):.3g}"] * estimated)
+        table.add_row(*row)
+    footer = [
+        f"total ({len(layers)} layers)",
+        f"{dense_total:,} params",
+        f"{kept_total:,} kept",
+        f"{kept_total / max(dense_total, 1):.1%}",
+        "",
+    ] + [f"{loss_total:.3g}"] * estimated
+    for column, text in zip(table.columns, footer, strict=True):
+        column.footer = text
     return table
