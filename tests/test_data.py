@@ -111,6 +111,16 @@ def test_token_windows_have_no_bos(fake_tokenizer: FakeTokenizer) -> None:
     assert (windows != fake_tokenizer.bos_token_id).all()
 
 
+def test_windows_start_with_bos_when_the_tokenizer_adds_one() -> None:
+    tokenizer = FakeTokenizer(adds_bos=True)
+    text = " ".join(f"word{i}" for i in range(100))
+    windows = data.token_windows(tokenizer, text, seq_len=8, count=5)
+    assert windows.shape == (5, 8)
+    assert (windows[:, 0] == tokenizer.bos_token_id).all()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert windows[:, 1:].flatten().tolist() == ids[:35]
+
+
 def test_token_windows_returns_what_the_text_holds(fake_tokenizer: FakeTokenizer) -> None:
     text = " ".join(f"w{i}" for i in range(30))
     windows = data.token_windows(fake_tokenizer, text, seq_len=8, count=10)

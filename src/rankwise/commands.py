@@ -13,7 +13,7 @@ from rankwise import data, evaluate
 from rankwise.compress import compress, count_parameters
 from rankwise.errors import ModelNotFoundError, RankwiseError
 from rankwise.io import check_output, directory_bytes, is_compressed_dir
-from rankwise.models import Loaded, cache_dir, load_model
+from rankwise.models import BUNDLED, Loaded, cache_dir, load_model
 from rankwise.progress import RichReporter
 from rankwise.recipe import Recipe
 from rankwise.report import layer_table, summary_table
@@ -41,7 +41,7 @@ def measure_perplexity(
 
 def _eval_cache_file(source: str, token_windows: dict) -> Path | None:
     """Dense perplexities are cached, keyed by the model and the exact evaluation tokens."""
-    if source != "default":
+    if source not in BUNDLED:
         path = Path(source)
         if not path.exists():
             return None
@@ -89,7 +89,7 @@ def run_compress(
     import rankwise
 
     out = check_output(out, overwrite)  # before any work: nothing is written on bad input
-    if recipe.model != "default" and not Path(recipe.model).expanduser().exists():
+    if recipe.model not in BUNDLED and not Path(recipe.model).expanduser().exists():
         raise ModelNotFoundError(f"model not found: {recipe.model}")
     reporter = RichReporter()
     streams = list(data.EVAL_STREAMS)

@@ -170,6 +170,9 @@ def compress(
     names = find_targets(model, recipe.targets, recipe.ignore)
     check_finite(model, names)
     method = get_method(recipe.method)
+    if needs_output_fisher(recipe) and not calibrate.has_lm_head(model):
+        reporter.log("no language-model loss to weigh layers by: uniform allocation")
+        recipe = recipe.merged(allocation="uniform")
     params_before = count_parameters(model)
     shapes = {n: LayerShape(n, *linear_weight(model.get_submodule(n)).shape) for n in names}
     plan = Plan(model, names, shapes, method, recipe, reporter, timer)

@@ -152,10 +152,30 @@ def source_text(source: str, split: str = "calib", min_chars: int | None = None)
     return read_user_text(source)
 
 
+def window_bos(tokenizer: object) -> int | None:
+    """The BOS id when the tokenizer adds one by default (the model expects it: Gemma), else None
+    (SmolLM2, GPT-2: windows are plain text tokens)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("a")["input_ids"]
+    return bos if bos is not None and ids and ids[0] == bos else None
+
+
 def token_windows(tokenizer: object, text: str, seq_len: int, count: int) -> torch.Tensor:
-    """The first `count` consecutive windows of `seq_len` tokens, no BOS. (count, seq_len)"""
+    """The first `count` consecutive windows of `seq_len` tokens. (count, seq_len)
+
+    No BOS, unless the tokenizer adds one by default: then each window is BOS followed by
+    seq_len - 1 text tokens."""
     if not text.strip():
         raise CalibrationError("calibration text is empty")
+    bos = window_bos(tokenizer)
+    if bos is not None:
+        body = token_windows_plain(tokenizer, text, seq_len - 1, count)  # (count, seq_len - 1)
+        return torch.cat([torch.full((len(body), 1), bos, dtype=torch.long), body], dim=1)
+    return token_windows_plain(tokenizer, text, seq_len, count)
+
+
+def token_windows_plain(tokenizer: object, text: str, seq_len: int, count: int) -> torch.Tensor:
+    """Consecutive windows of text tokens only. (count, seq_len)"""
     needed = seq_len * count
     # Tokenize only a prefix long enough for the windows; grow it if English ran denser.
     chars = needed * CHARS_PER_TOKEN_BOUND

