@@ -36,7 +36,7 @@ IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(123
 
 
 def run(model: nn.Module, **recipe: object) -> rankwise.Compressed:
-    recipe = {"calib_dtype": "float32", **recipe}
+    recipe = {"calib_dtype": "float32", "allocation": "uniform", **recipe}
     return rankwise.compress(model, Recipe(**recipe), windows=make_windows())
 
 
@@ -175,7 +175,9 @@ def test_layer_that_cannot_save_parameters_stays_dense() -> None:
     model = TwoLinears().eval()
     ids = make_windows(2, 8)
     result = rankwise.compress(
-        model, Recipe(method="svd", ratio=0.01, targets=["wide$", "narrow$"]), windows=ids
+        model,
+        Recipe(allocation="uniform", method="svd", ratio=0.01, targets=["wide$", "narrow$"]),
+        windows=ids,
     )
     assert result.ranks["narrow"] is None
     assert type(model.narrow) is nn.Linear
@@ -256,7 +258,7 @@ def test_fwsvd_on_encoder_raises_and_leaves_model_alone() -> None:
 def test_svd_needs_no_calibration() -> None:
     """Data-free: no tokenizer and no windows are needed."""
     model = make_model("llama")
-    result = rankwise.compress(model, Recipe(method="svd", ratio=0.3))
+    result = rankwise.compress(model, Recipe(allocation="uniform", method="svd", ratio=0.3))
     assert all(layer.rank is not None for layer in result.layers)
 
 
@@ -300,6 +302,7 @@ def test_whiten_on_targets_outside_the_blocks_uses_a_whole_model_pass() -> None:
     model.config.tie_word_embeddings = False
     model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
     recipe = Recipe(
+        allocation="uniform",
         method="whiten",
         ratio=0.3,
         targets=[r"lm_head$", r"layers\.0\.mlp\.down_proj$"],
@@ -324,16 +327,25 @@ def test_sequential_equals_compressing_block_by_block_by_hand() -> None:
     for block in ("0", "1"):
         targets = [rf"layers\.{block}\.(self_attn|mlp)\.\w+_proj$"]
         recipe = Recipe(
-            method="whiten", ratio=0.25, targets=targets, calib_dtype="float32", sequential=False
+            allocation="uniform",
+            method="whiten",
+            ratio=0.25,
+            targets=targets,
+            calib_dtype="float32",
+            sequential=False,
         )
         hand_ranks.update(rankwise.compress(by_hand, recipe, windows=windows).ranks)
     sequential = copy.deepcopy(base)
-    recipe = Recipe(method="whiten", ratio=0.25, calib_dtype="float32", sequential=True)
+    recipe = Recipe(
+        allocation="uniform", method="whiten", ratio=0.25, calib_dtype="float32", sequential=True
+    )
     assert rankwise.compress(sequential, recipe, windows=windows).ranks == hand_ranks
     torch.testing.assert_close(
         model_output(sequential, IDS), model_output(by_hand, IDS), atol=1e-5, rtol=1e-4
     )
     one_pass = copy.deepcopy(base)
-    recipe = Recipe(method="whiten", ratio=0.25, calib_dtype="float32", sequential=False)
+    recipe = Recipe(
+        allocation="uniform", method="whiten", ratio=0.25, calib_dtype="float32", sequential=False
+    )
     rankwise.compress(one_pass, recipe, windows=windows)
     assert not torch.allclose(model_output(one_pass, IDS), model_output(sequential, IDS))

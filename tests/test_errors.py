@@ -57,7 +57,9 @@ def untouched(model: nn.Module, before: torch.Tensor) -> bool:
 
 
 def compressed_result(family: str = "llama") -> rankwise.Compressed:
-    return rankwise.compress(make_model(family), Recipe(method="svd", ratio=0.3))
+    return rankwise.compress(
+        make_model(family), Recipe(allocation="uniform", method="svd", ratio=0.3)
+    )
 
 
 # --- ratios ------------------------------------------------------------------------------------
@@ -157,7 +159,7 @@ def test_unsupported_architecture_names_it_and_suggests_targets() -> None:
     assert model.config.model_type not in rankwise.models.BLOCK_LINEARS
     before = model_output(model, IDS)
     with pytest.raises(UnsupportedArchitectureError) as info:
-        rankwise.compress(model, Recipe(method="svd"))
+        rankwise.compress(model, Recipe(allocation="uniform", method="svd"))
     message = str(info.value)
     assert "'opt'" in message and "--targets" in message
     assert untouched(model, before)
@@ -178,7 +180,9 @@ def test_explicit_targets_make_an_unsupported_architecture_work(
     method: str, tmp_path: Path
 ) -> None:
     model = opt_model()
-    recipe = Recipe(method=method, ratio=0.3, targets=OPT_TARGETS, calib_dtype="float32")
+    recipe = Recipe(
+        allocation="uniform", method=method, ratio=0.3, targets=OPT_TARGETS, calib_dtype="float32"
+    )
     result = rankwise.compress(model, recipe, windows=make_windows())
     assert len(result.layers) == 2 * 6
     assert all(isinstance(model.get_submodule(n), LowRankLinear) for n in result.ranks)
@@ -193,7 +197,9 @@ def test_unknown_method_before_any_work() -> None:
     model = make_model("llama")
     before = model_output(model, IDS)
     with pytest.raises(RankwiseError, match="unknown method"):
-        rankwise.compress(model, Recipe(method="nope"), windows=make_windows())
+        rankwise.compress(
+            model, Recipe(allocation="uniform", method="nope"), windows=make_windows()
+        )
     assert untouched(model, before)
 
 
@@ -253,7 +259,14 @@ def test_bad_calibration_text_through_compress(tmp_path: Path, name: str, conten
     path.write_text(content)
     model = make_model("llama")
     before = model_output(model, IDS)
-    recipe = Recipe(method="whiten", calib=str(path), samples=2, seq_len=16, calib_dtype="float32")
+    recipe = Recipe(
+        allocation="uniform",
+        method="whiten",
+        calib=str(path),
+        samples=2,
+        seq_len=16,
+        calib_dtype="float32",
+    )
     with pytest.raises(CalibrationError):
         rankwise.compress(model, recipe, tokenizer=word_tokenizer())
     assert untouched(model, before)
@@ -262,7 +275,14 @@ def test_bad_calibration_text_through_compress(tmp_path: Path, name: str, conten
 def test_calibration_from_a_user_file_works(tmp_path: Path) -> None:
     path = tmp_path / "calib.jsonl"
     path.write_text("\n".join(json.dumps({"text": word_text(40, seed=i)}) for i in range(3)))
-    recipe = Recipe(method="whiten", calib=str(path), samples=4, seq_len=16, calib_dtype="float32")
+    recipe = Recipe(
+        allocation="uniform",
+        method="whiten",
+        calib=str(path),
+        samples=4,
+        seq_len=16,
+        calib_dtype="float32",
+    )
     result = rankwise.compress(make_model("llama"), recipe, tokenizer=word_tokenizer())
     assert all(layer.rank is not None for layer in result.layers)
 
@@ -271,7 +291,7 @@ def test_calibration_needs_a_tokenizer_or_windows() -> None:
     model = make_model("llama")
     before = model_output(model, IDS)
     with pytest.raises(CalibrationError, match="tokenizer"):
-        rankwise.compress(model, Recipe(method="whiten"))
+        rankwise.compress(model, Recipe(allocation="uniform", method="whiten"))
     assert untouched(model, before)
 
 
@@ -291,7 +311,9 @@ def test_non_finite_targeted_weight(bad: float, method: str) -> None:
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = bad
     with pytest.raises(NonFiniteWeightsError, match=r"model\.layers\.1\.mlp\.up_proj"):
-        rankwise.compress(model, Recipe(method=method), windows=make_windows())
+        rankwise.compress(
+            model, Recipe(allocation="uniform", method=method), windows=make_windows()
+        )
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())
 
 
@@ -300,7 +322,7 @@ def test_non_finite_gpt2_conv1d_weight() -> None:
     with torch.no_grad():
         model.transformer.h[0].attn.c_attn.weight[0, 0] = math.nan
     with pytest.raises(NonFiniteWeightsError, match="c_attn"):
-        rankwise.compress(model, Recipe(method="svd"))
+        rankwise.compress(model, Recipe(allocation="uniform", method="svd"))
 
 
 # --- output ------------------------------------------------------------------------------------

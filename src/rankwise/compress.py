@@ -170,9 +170,7 @@ def compress(
     names = find_targets(model, recipe.targets, recipe.ignore)
     check_finite(model, names)
     method = get_method(recipe.method)
-    if needs_output_fisher(recipe) and not calibrate.has_lm_head(model):
-        reporter.log("no language-model loss to weigh layers by: uniform allocation")
-        recipe = recipe.merged(allocation="uniform")
+    recipe = allocation_possible(model, method, recipe, tokenizer, windows, reporter)
     params_before = count_parameters(model)
     shapes = {n: LayerShape(n, *linear_weight(model.get_submodule(n)).shape) for n in names}
     plan = Plan(model, names, shapes, method, recipe, reporter, timer)
@@ -270,6 +268,28 @@ class Plan:
         if name not in self.gains:
             return None
         return importance.estimated_loss(self.gains[name], rank)
+
+
+def allocation_possible(
+    model: nn.Module,
+    method: Method,
+    recipe: Recipe,
+    tokenizer: object | None,
+    windows: torch.Tensor | None,
+    reporter: Reporter,
+) -> Recipe:
+    """The recipe, with uniform allocation where importance cannot be measured: an encoder has
+    no LM loss to weigh layers by; a data-free method called without text has no calibration."""
+    if recipe.allocation != "importance":
+        return recipe
+    if needs_output_fisher(recipe) and not calibrate.has_lm_head(model):
+        reporter.log("no language-model loss to weigh layers by: uniform allocation")
+        return recipe.merged(allocation="uniform")
+    no_text = tokenizer is None and windows is None and not recipe.stats
+    if no_text and not method.needs:
+        reporter.log("no calibration text to measure importance: uniform allocation")
+        return recipe.merged(allocation="uniform")
+    return recipe
 
 
 def needs_output_fisher(recipe: Recipe) -> bool:

@@ -47,7 +47,8 @@ class Recipe(BaseModel):
     model: str = "default"
     method: str = "whiten"
     ratio: float = 0.2
-    allocation: Literal["uniform", "importance"] = "uniform"
+    # importance: measured better than uniform at every ratio (bench/results/allocation.md)
+    allocation: Literal["uniform", "importance"] = "importance"
     targets: list[str] | None = None  # regexes; None means the architecture's built-in list
     ignore: list[str] = Field(default_factory=list)
     overrides: list[LayerOverride] = Field(default_factory=list)
