@@ -139,8 +139,8 @@ def test_cli_compress_and_eval(tmp_path: Path) -> None:
             timeout=300,
         )
 
-    made = cli("compress", "default", "--method", "svd", "--ratio", "0.2", "--allocation", "uniform",
-               "--out", "D")  # fmt: skip
+    made = cli("compress", "default", "--method", "svd", "--ratio", "0.2",
+               "--allocation", "uniform", "--out", "D")  # fmt: skip
     assert made.returncode == 0, made.stderr[-3000:]
     assert (tmp_path / "D" / "config.json").is_file()
     assert (tmp_path / "D" / "tokenizer.json").is_file()
