@@ -156,16 +156,16 @@ def test_cli_compress_and_eval(tmp_path: Path) -> None:
 
 
 def test_importance_allocation_beats_uniform_on_the_real_model(tmp_path: Path) -> None:
-    """Same statistics, same budget (0.6 of the targets removed): spending it by importance
-    gives a lower held-out perplexity than removing 60% of every matrix."""
+    """Same statistics, same budget (0.4 of the targets removed): spending it by importance
+    gives a lower held-out perplexity than removing 40% of every matrix."""
     stats = str(tmp_path / "stats.safetensors")
-    base = dict(method="whiten", ratio=0.6, samples=16, seq_len=256, stats=stats)
+    base = dict(method="whiten", ratio=0.4, samples=16, seq_len=256, stats=stats)
     perplexity = {}
     for allocation in ("uniform", "importance"):
         loaded = rankwise.load_model("default")
         windows = data.eval_windows(loaded.tokenizer, ("bbc",), seq_len=512, count=2)["bbc"]
         recipe = rankwise.Recipe(**base, allocation=allocation, importance_samples=8)
         result = rankwise.compress(loaded.model, recipe, tokenizer=loaded.tokenizer)
-        assert 0.6 <= result.targeted_ratio <= 0.603
+        assert 0.4 <= result.targeted_ratio <= 0.403
         perplexity[allocation] = evaluate.perplexity(result.model, windows).perplexity
-    assert perplexity["importance"] < 0.8 * perplexity["uniform"], perplexity
+    assert perplexity["importance"] < 0.9 * perplexity["uniform"], perplexity
