@@ -217,7 +217,6 @@ class Plan:
     reporter: Reporter
     timer: Timer
     gains: dict[str, torch.Tensor] = field(default_factory=dict)
-    _spectra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def ranks(
         self, stats: Statistics | None = None, windows: torch.Tensor | None = None
@@ -229,8 +228,7 @@ class Plan:
                 return allocate_uniform(list(self.shapes.values()), recipe.ratio, recipe.overrides)
         options = MethodOptions(eig_floor=recipe.eig_floor)
         if stats is None:
-            stats = self._importance_statistics(windows, options)
-            spectra = self._spectra
+            stats, spectra = self._importance_statistics(windows, options)
         else:
             with self.timer.phase("spectra"):
                 spectra = importance.spectra_from_stats(
@@ -251,7 +249,7 @@ class Plan:
         want_fisher = needs_output_fisher(self.recipe)
         with self.reporter.task("importance", total=blocks + len(subset) * want_fisher) as advance:
             with self.timer.phase("importance spectra"):
-                self._spectra = importance.spectra_blockwise(
+                spectra = importance.spectra_blockwise(
                     self.model, self.names, self.method, subset, dtype, options, advance
                 )
             if want_fisher:
@@ -259,7 +257,8 @@ class Plan:
                     fisher = calibrate.collect_output_fisher(
                         self.model, self.names, subset, dtype, advance
                     )
-        return Statistics({n: LayerStats(output_fisher=fisher.get(n)) for n in self.names})
+        stats = Statistics({n: LayerStats(output_fisher=fisher.get(n)) for n in self.names})
+        return stats, spectra
 
     def loop(self, ranks: dict[str, int | None], advance: Callable[[int], None]) -> LayerLoop:
         return LayerLoop(self.model, self.method, self.recipe, self.reporter, ranks, advance)
