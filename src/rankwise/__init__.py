@@ -15,7 +15,8 @@ from rankwise.errors import RankwiseError
 from rankwise.io import load, save_compressed
 from rankwise.layers import LowRankLinear
 from rankwise.models import load_model
-from rankwise.recipe import Recipe
+from rankwise.recipe import Recipe, RecoverConfig
+from rankwise.recover import recover
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,11 @@ def save(
         "model_params_before": result.model_params_before,
         "model_params_after": result.model_params_after,
         "seconds": result.seconds,
+        "recovery": (
+            {k: v for k, v in result.recovery.items() if k != "losses"}
+            if result.recovery
+            else None
+        ),
         # A list, not a mapping: config.json is written with sorted keys, and the per-layer
         # table should read in model order.
         "targets": [
@@ -60,9 +66,11 @@ __all__ = [
     "LowRankLinear",
     "RankwiseError",
     "Recipe",
+    "RecoverConfig",
     "compress",
     "load",
     "load_model",
+    "recover",
     "save",
     "__version__",
 ]

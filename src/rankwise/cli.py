@@ -46,6 +46,11 @@ def compress_cmd(
     importance_samples: Annotated[
         int | None, typer.Option(help="windows for the importance pass")
     ] = None,
+    recover_steps: Annotated[
+        int | None, typer.Option(help="distillation steps after compressing (0: none)")
+    ] = None,
+    recover_lr: Annotated[float | None, typer.Option(help="recovery peak learning rate")] = None,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted recovery")] = False,
     recipe: Annotated[Path | None, typer.Option(help="recipe YAML; flags override it")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="measure perplexity")] = False,
@@ -72,8 +77,11 @@ def compress_cmd(
         stats=stats,
         importance_estimator=importance_estimator,
         importance_samples=importance_samples,
+        recover={"steps": recover_steps, "lr": recover_lr},
     )
-    figures = run_compress(chosen, out, overwrite, evaluate, eval_windows, trust_remote_code)
+    figures = run_compress(
+        chosen, out, overwrite, evaluate, eval_windows, trust_remote_code, resume
+    )
     if json_out:
         json_out.write_text(json.dumps(figures, indent=2))
 
@@ -93,6 +101,41 @@ def eval_cmd(
     figures = run_eval(model, _split(streams) or [], windows)
     if json_out:
         json_out.write_text(json.dumps(figures, indent=2))
+
+
+@app.command("recover")
+def recover_cmd(
+    directory: Annotated[Path, typer.Argument(help="compressed model directory")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
+    steps: Annotated[int, typer.Option(help="distillation steps")] = 200,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="windows per step")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="tokens per window")] = None,
+    hidden_weight: Annotated[
+        float | None, typer.Option(help="weight of last-hidden-state matching")
+    ] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="steps between checkpoints")] = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="teacher model (default: the directory's source model)")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the loss log")] = None,
+) -> None:
+    """Distil the source model into DIRECTORY's factors and write the result to --out."""
+    from rankwise.commands import run_recover
+
+    settings = {
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "hidden_weight": hidden_weight,
+        "checkpoint_every": checkpoint_every,
+    }
+    log = run_recover(directory, out, settings, overwrite, resume, teacher)
+    if json_out:
+        json_out.write_text(json.dumps(log, indent=2))
 
 
 @app.command("inspect")

@@ -10,12 +10,14 @@ from pathlib import Path
 from rich.console import Console
 
 from rankwise import data, evaluate
+from rankwise.checkpoint import Checkpoints
 from rankwise.compress import compress, count_parameters
 from rankwise.errors import ModelNotFoundError, RankwiseError
-from rankwise.io import check_output, directory_bytes, is_compressed_dir
+from rankwise.io import check_output, directory_bytes, is_compressed_dir, save_compressed
 from rankwise.models import BUNDLED, Loaded, cache_dir, load_model
 from rankwise.progress import RichReporter
 from rankwise.recipe import Recipe
+from rankwise.recover import recover
 from rankwise.report import layer_table, summary_table
 
 console = Console()
@@ -84,8 +86,9 @@ def run_compress(
     with_eval: bool = False,
     eval_windows: int = 40,
     trust_remote_code: bool = False,
+    resume: bool = False,
 ) -> dict[str, object]:
-    """Load, compress, save, optionally evaluate; print the summary table; return the figures."""
+    """Load, compress, (recover,) save, optionally evaluate; print the summary; return figures."""
     import rankwise
 
     out = check_output(out, overwrite)  # before any work: nothing is written on bad input
@@ -102,6 +105,12 @@ def run_compress(
     dense_ppl = dense_perplexity(loaded, recipe.model, eval_tokens, reporter) if with_eval else {}
     start = time.perf_counter()
     result = compress(loaded.model, recipe, loaded.tokenizer, reporter=reporter)
+    if recipe.recover.steps:
+        teacher = load_model(recipe.model, trust_remote_code).model
+        result.recovery = recover_model(
+            loaded.model, teacher, recipe, loaded.tokenizer, out, resume, reporter
+        )
+        del teacher
     saved = rankwise.save(result, str(out), loaded.tokenizer, overwrite=overwrite)
     compress_seconds = time.perf_counter() - start
     compress_peak_mb = peak_memory_mb()  # before the compressed model is evaluated
@@ -128,6 +137,7 @@ def run_compress(
             "phases": result.seconds,
             "load_seconds": load_seconds,
             "peak_memory_mb": compress_peak_mb,
+            "recovery": result.recovery,
         },
     }
     console.print(
@@ -166,3 +176,79 @@ def run_inspect(directory: Path) -> None:
         f"targeted removed {block.get('targeted_ratio', 0):.2%}, "
         f"model removed {block.get('model_ratio', 0):.2%}"
     )
+
+
+def checkpoints_for(out: Path, recipe: Recipe) -> Checkpoints:
+    """Checkpoints live beside the output (`.NAME.recover`) until the model is saved."""
+    fingerprint = recipe.model_dump(mode="json", exclude={"stats"})
+    fingerprint["recover"].pop("checkpoint_every")
+    return Checkpoints(out.parent / f".{out.name}.recover", fingerprint)
+
+
+def recover_model(
+    student: object,
+    teacher: object,
+    recipe: Recipe,
+    tokenizer: object,
+    out: Path,
+    resume: bool,
+    reporter: RichReporter,
+) -> dict[str, object]:
+    """Distil `teacher` into `student`'s factors on the recipe's recovery windows."""
+    settings = recipe.recover
+    if tokenizer is None:
+        raise RankwiseError("recovery needs a tokenizer to cut its training text")
+    source = settings.calib or recipe.calib
+    windows = data.calibration_windows(tokenizer, source, settings.windows, settings.seq_len)
+    checkpoints = checkpoints_for(out, recipe)
+    if not resume:
+        checkpoints.clear()
+    log = recover(student, teacher, windows, settings, reporter, checkpoints)
+    checkpoints.clear()
+    reporter.log(
+        f"recovery: {settings.steps} steps in {log.seconds:.1f}s "
+        f"({log.tokens_per_second:.0f} tok/s), loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f}"
+    )
+    return {
+        "steps": settings.steps,
+        "seconds": log.seconds,
+        "tokens": log.tokens,
+        "first_loss": log.losses[0],
+        "final_loss": log.losses[-1],
+        "losses": log.losses,
+    }
+
+
+def run_recover(
+    directory: Path,
+    out: Path,
+    settings: dict[str, object],
+    overwrite: bool = False,
+    resume: bool = False,
+    teacher_spec: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, object]:
+    """Recover an already compressed directory into a new one (the teacher: its source model)."""
+    out = check_output(out, overwrite)
+    if not is_compressed_dir(directory):
+        raise ModelNotFoundError(f"not a rankwise model directory: {directory}")
+    block = json.loads((Path(directory) / "config.json").read_text())["rankwise"]
+    recipe_file = Path(directory) / "recipe.yaml"
+    recipe = Recipe.from_yaml(recipe_file) if recipe_file.is_file() else Recipe()
+    recipe = recipe.merged(recover=settings)
+    teacher_spec = teacher_spec or block.get("source_model") or recipe.model
+    reporter = RichReporter()
+    with reporter.task(f"loading {directory} and teacher {teacher_spec}") as advance:
+        student = load_model(str(directory))
+        teacher = load_model(teacher_spec, trust_remote_code)
+        advance(1)
+    recovery = recover_model(
+        student.model, teacher.model, recipe, student.tokenizer, out, resume, reporter
+    )
+    info = {k: v for k, v in block.items() if k not in ("layers", "version")}
+    info["recovery"] = {k: v for k, v in recovery.items() if k != "losses"}
+    saved = save_compressed(
+        student.model, out, student.tokenizer, recipe.to_yaml(), info, overwrite
+    )
+    console.print(f"saved to {saved}")
+    return recovery

@@ -57,6 +57,7 @@ class Compressed:
     targeted_before: int
     targeted_after: int
     seconds: dict[str, float] = field(default_factory=dict)
+    recovery: dict[str, object] | None = None  # what distillation did, when it ran
 
     @property
     def ranks(self) -> dict[str, int | None]:

@@ -10,7 +10,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-Advance = Callable[[int], None]
+# advance(n=1, status=None): n more items done; `status` (e.g. "loss 2.31, 840 tok/s") is shown
+# beside the bar
+Advance = Callable[..., None]
 
 
 class Reporter:
@@ -18,7 +20,7 @@ class Reporter:
 
     @contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Advance]:
-        yield lambda n=1: None
+        yield lambda n=1, status=None: None
 
     def log(self, message: str) -> None:
         pass
@@ -49,10 +51,18 @@ class RichReporter(Reporter):
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
         ]
         with Progress(*columns, console=self.console, transient=False) as bar:
-            task_id = bar.add_task(description, total=total)
-            yield lambda n=1: bar.advance(task_id, n)
+            task_id = bar.add_task(description, total=total, status="")
+
+            def advance(n: int = 1, status: str | None = None) -> None:
+                if status is None:
+                    bar.advance(task_id, n)
+                else:
+                    bar.update(task_id, advance=n, status=status)
+
+            yield advance
 
     def log(self, message: str) -> None:
         self.console.print(message, highlight=False)

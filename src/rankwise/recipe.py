@@ -39,6 +39,27 @@ class LayerOverride(BaseModel):
         return None if value is None else check_ratio(value, "override ratio")
 
 
+class RecoverConfig(BaseModel):
+    """Recovery by distillation (recover.py): how long, how fast, on which text."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(default=0, ge=0)  # 0: no recovery
+    lr: float = Field(default=3e-4, gt=0.0)
+    batch_size: int = Field(default=4, ge=1)  # windows per step
+    seq_len: int = Field(default=256, ge=2)
+    windows: int = Field(default=512, ge=1)  # training windows, cut from `calib`'s calib split
+    calib: str | None = None  # None: the compression's calibration text
+    warmup: float = Field(default=0.1, ge=0.0, lt=1.0)  # fraction of steps warming up linearly
+    min_lr: float = Field(default=0.1, ge=0.0, le=1.0)  # cosine floor, as a fraction of lr
+    clip: float = Field(default=1.0, gt=0.0)  # gradient-norm clip
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    temperature: float = Field(default=1.0, gt=0.0)
+    hidden_weight: float = Field(default=0.0, ge=0.0)  # + last-hidden-state matching
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # autocast of forward and backward
+    checkpoint_every: int = Field(default=50, ge=1)
+    seed: int = 0
+
+
 class Recipe(BaseModel):
     """What to compress, how, and on which text."""
 
@@ -69,6 +90,7 @@ class Recipe(BaseModel):
     # "fisher" weights it by the output Fisher, "output_error" takes it raw, "relative" divides
     # it by the layer's total (every layer's relative error counts the same)
     importance_estimator: Literal["fisher", "output_error", "relative"] = "fisher"
+    recover: RecoverConfig = Field(default_factory=RecoverConfig)
     # method options
     eig_floor: float = Field(default=1e-6, gt=0.0, lt=1.0)
     seed: int = 0
@@ -98,7 +120,11 @@ class Recipe(BaseModel):
     def merged(self, **changes: object) -> Recipe:
         """A copy with the non-None `changes` applied and validated (CLI flags over a file)."""
         data = self.model_dump()
-        data.update({k: v for k, v in changes.items() if v is not None})
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                value = {**data[key], **{k: v for k, v in value.items() if v is not None}}
+            if value is not None:
+                data[key] = value
         try:
             return Recipe.model_validate(data)
         except RatioError:
