@@ -138,6 +138,19 @@ def recover_cmd(
         json_out.write_text(json.dumps(log, indent=2))
 
 
+@app.command("truncate")
+def truncate_cmd(
+    directory: Annotated[Path, typer.Argument(help="compressed (e.g. recovered) directory")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
+    ratio: Annotated[float, typer.Option(help="new fraction of targeted params removed")],
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
+) -> None:
+    """Re-factorize every factor pair to a lower rank (same shape of allocation)."""
+    from rankwise.commands import run_truncate
+
+    run_truncate(directory, out, ratio, overwrite)
+
+
 @app.command("inspect")
 def inspect_cmd(
     directory: Annotated[Path, typer.Argument(help="compressed model directory")],

@@ -252,3 +252,49 @@ def run_recover(
     )
     console.print(f"saved to {saved}")
     return recovery
+
+
+def run_truncate(
+    directory: Path, out: Path, ratio: float, overwrite: bool = False
+) -> dict[str, object]:
+    """Truncate a compressed (e.g. recovered) directory to a higher ratio; write it to `out`."""
+    from rankwise.layers import LowRankLinear
+    from rankwise.recipe import check_ratio
+    from rankwise.truncate import proportional_ranks, truncate_model
+
+    check_ratio(ratio)
+    out = check_output(out, overwrite)
+    if not is_compressed_dir(directory):
+        raise ModelNotFoundError(f"not a rankwise model directory: {directory}")
+    loaded = load_model(str(directory))
+    block = json.loads((Path(directory) / "config.json").read_text())["rankwise"]
+    targets = {t["name"]: t for t in block["targets"]}
+    kept_dense = sum(t["out"] * t["in"] for t in targets.values() if t["rank"] is None)
+    layers = {n: m for n, m in loaded.model.named_modules() if isinstance(m, LowRankLinear)}
+    dense_params = int(block["targeted_params_before"])
+    ranks = proportional_ranks(layers, dense_params, kept_dense, ratio)
+    errors = truncate_model(loaded.model, ranks)
+    for name, rank in ranks.items():
+        targets[name].update(
+            rank=rank, rel_error=None, est_loss=None, truncation_error=errors[name]
+        )
+    kept = kept_dense + sum(r * (targets[n]["out"] + targets[n]["in"]) for n, r in ranks.items())
+    info = {k: v for k, v in block.items() if k not in ("layers", "version")}
+    info.update(
+        ratio=ratio,
+        truncated_from=block.get("targeted_ratio"),
+        targets=list(targets.values()),
+        targeted_params_after=kept,
+        targeted_ratio=1 - kept / dense_params,
+        model_params_after=count_parameters(loaded.model),
+        model_ratio=1 - count_parameters(loaded.model) / int(block["model_params_before"]),
+    )
+    recipe_file = Path(directory) / "recipe.yaml"
+    recipe = Recipe.from_yaml(recipe_file) if recipe_file.is_file() else Recipe()
+    recipe_yaml = recipe.merged(ratio=ratio).to_yaml()
+    saved = save_compressed(loaded.model, out, loaded.tokenizer, recipe_yaml, info, overwrite)
+    console.print(
+        f"targeted removed {block.get('targeted_ratio', 0):.2%} -> {info['targeted_ratio']:.2%}; "
+        f"saved to {saved}"
+    )
+    return info

@@ -183,7 +183,7 @@ def recover(
         log.start_step, log.losses = checkpoints.restore(distiller.params, distiller.optimizer)
         if log.start_step:
             reporter.log(f"resuming recovery at step {log.start_step}")
-    start = time.perf_counter()
+    start, paused = time.perf_counter(), 0.0
     with reporter.task("recovering", total=config.steps) as advance:
         advance(log.start_step)
         for step in range(log.start_step, config.steps):
@@ -191,10 +191,12 @@ def recover(
             batch = windows[ids]  # (batch, seq)
             log.losses.append(distiller.step(step, batch))
             log.tokens += batch.numel()
-            log.seconds = time.perf_counter() - start
+            log.seconds = time.perf_counter() - start - paused
             advance(1, status=f"loss {log.losses[-1]:.4f}  {log.tokens_per_second:.0f} tok/s")
-            if on_step is not None:
+            if on_step is not None:  # its time (e.g. a held-out evaluation) is not training
+                callback_start = time.perf_counter()
                 on_step(step + 1, log.losses[-1])
+                paused += time.perf_counter() - callback_start
             done = step + 1
             if checkpoints is not None and (
                 done % config.checkpoint_every == 0 and done < config.steps
