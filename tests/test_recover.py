@@ -201,3 +201,32 @@ def test_cli_recover_refuses_a_plain_directory(tmp_path: Path) -> None:
     result = cli("recover", str(tmp_path), "--out", "x", cwd=tmp_path)
     assert result.returncode == 2 and len(error_lines(result)) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_top_k_kl_with_the_whole_vocabulary_is_the_full_kl() -> None:
+    from rankwise.teacher import top_k_kl, top_k_targets
+
+    gen = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen)
+    values, ids = top_k_targets(teacher, 11)
+    assert float(top_k_kl(student, values, ids)) == pytest.approx(
+        float(distill_loss(student, teacher)), rel=1e-4
+    )
+    values, ids = top_k_targets(teacher, 3)  # the coarsened KL is never larger
+    assert 0 < float(top_k_kl(student, values, ids)) <= float(distill_loss(student, teacher))
+
+
+def test_recovery_from_cached_teacher_top_k(tmp_path: Path) -> None:
+    teacher, student = compressed_pair()
+    windows = make_windows(count=8, seq_len=16)
+    before = mean_kl(teacher, student, windows)
+    loads = []
+
+    def load_teacher() -> torch.nn.Module:
+        loads.append(1)
+        return teacher
+
+    checkpoints = Checkpoints(tmp_path, {"run": "topk"})
+    recover(student, load_teacher, windows, config(steps=30, teacher_topk=32), None, checkpoints)
+    assert mean_kl(teacher, student, windows) < 0.7 * before
+    assert loads == [1] and (tmp_path / "teacher.safetensors").is_file()

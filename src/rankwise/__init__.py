@@ -39,9 +39,7 @@ def save(
         "model_params_after": result.model_params_after,
         "seconds": result.seconds,
         "recovery": (
-            {k: v for k, v in result.recovery.items() if k != "losses"}
-            if result.recovery
-            else None
+            {k: v for k, v in result.recovery.items() if k != "losses"} if result.recovery else None
         ),
         # A list, not a mapping: config.json is written with sorted keys, and the per-layer
         # table should read in model order.

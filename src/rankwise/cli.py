@@ -118,6 +118,9 @@ def recover_cmd(
     teacher: Annotated[
         str | None, typer.Option(help="teacher model (default: the directory's source model)")
     ] = None,
+    teacher_topk: Annotated[
+        int | None, typer.Option(help="precompute the teacher's top-k logits to disk (0: live)")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the loss log")] = None,
@@ -132,6 +135,7 @@ def recover_cmd(
         "seq_len": seq_len,
         "hidden_weight": hidden_weight,
         "checkpoint_every": checkpoint_every,
+        "teacher_topk": teacher_topk,
     }
     log = run_recover(directory, out, settings, overwrite, resume, teacher)
     if json_out:

@@ -106,11 +106,13 @@ def run_compress(
     start = time.perf_counter()
     result = compress(loaded.model, recipe, loaded.tokenizer, reporter=reporter)
     if recipe.recover.steps:
-        teacher = load_model(recipe.model, trust_remote_code).model
+
+        def teacher() -> object:  # loaded when needed, freed after (see recover.recover)
+            return load_model(recipe.model, trust_remote_code).model
+
         result.recovery = recover_model(
             loaded.model, teacher, recipe, loaded.tokenizer, out, resume, reporter
         )
-        del teacher
     saved = rankwise.save(result, str(out), loaded.tokenizer, overwrite=overwrite)
     compress_seconds = time.perf_counter() - start
     compress_peak_mb = peak_memory_mb()  # before the compressed model is evaluated
@@ -238,12 +240,15 @@ def run_recover(
     recipe = recipe.merged(recover=settings)
     teacher_spec = teacher_spec or block.get("source_model") or recipe.model
     reporter = RichReporter()
-    with reporter.task(f"loading {directory} and teacher {teacher_spec}") as advance:
+    with reporter.task(f"loading {directory}") as advance:
         student = load_model(str(directory))
-        teacher = load_model(teacher_spec, trust_remote_code)
         advance(1)
+
+    def teacher() -> object:  # loaded when needed, freed after (see recover.recover)
+        return load_model(teacher_spec, trust_remote_code).model
+
     recovery = recover_model(
-        student.model, teacher.model, recipe, student.tokenizer, out, resume, reporter
+        student.model, teacher, recipe, student.tokenizer, out, resume, reporter
     )
     info = {k: v for k, v in block.items() if k not in ("layers", "version")}
     info["recovery"] = {k: v for k, v in recovery.items() if k != "losses"}

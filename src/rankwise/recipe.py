@@ -57,6 +57,10 @@ class RecoverConfig(BaseModel):
     hidden_weight: float = Field(default=0.0, ge=0.0)  # + last-hidden-state matching
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # autocast of forward and backward
     checkpoint_every: int = Field(default=50, ge=1)
+    # > 0: run the teacher once over the training windows first and keep its top-k
+    # log-probabilities on disk (beside the checkpoints), so teacher and student never share
+    # memory; 0: the teacher runs beside the student at every step
+    teacher_topk: int = Field(default=0, ge=0)
     seed: int = 0
 
 

@@ -13,9 +13,11 @@ resumed from a checkpoint computes exactly what the uninterrupted run would have
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,7 @@ from rankwise.errors import CalibrationError, RankwiseError
 from rankwise.layers import LowRankLinear
 from rankwise.progress import Reporter
 from rankwise.recipe import RecoverConfig
+from rankwise.teacher import TeacherCache, top_k_kl
 
 
 @dataclass
@@ -97,15 +100,22 @@ def hidden_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> t
 
 
 class Distiller:
-    """One student, one frozen teacher, AdamW on the student's factors."""
+    """One student, a frozen teacher (live, or its top-k targets on disk), AdamW on the factors."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, config: RecoverConfig) -> None:
-        self.student, self.teacher, self.config = student, teacher, config
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        config: RecoverConfig,
+        cache: TeacherCache | None = None,
+    ) -> None:
+        self.student, self.teacher, self.config, self.cache = student, teacher, config, cache
         self.params = trainable_factors(student)
         if not self.params:
             raise RankwiseError("the model has no factorized layers to recover")
         freeze_all_but(student, self.params)
-        teacher.requires_grad_(False)
+        if teacher is not None:
+            teacher.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
             list(self.params.values()),
             lr=config.lr,
@@ -125,8 +135,13 @@ class Distiller:
         enabled = self.autocast_dtype != torch.float32
         return torch.autocast("cpu", dtype=self.autocast_dtype, enabled=enabled)
 
-    def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        """Distillation loss of the student on `batch` (batch, seq), with its graph."""
+    def loss(self, batch: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Distillation loss of the student on `batch` (batch, seq), with its graph; `indices`
+        name the windows in the teacher cache, when there is one."""
+        if self.cache is not None:
+            with self._autocast():
+                logits = self.student(input_ids=batch, use_cache=False).logits
+            return top_k_kl(logits, *self.cache.batch(indices))
         teacher_logits, teacher_hidden = self._teacher_outputs(batch)
         want_hidden = teacher_hidden is not None
         with self._autocast():
@@ -138,12 +153,12 @@ class Distiller:
             )
         return loss
 
-    def step(self, step: int, batch: torch.Tensor) -> float:
+    def step(self, step: int, batch: torch.Tensor, indices: torch.Tensor | None = None) -> float:
         lr = learning_rate(step, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(batch)
+        loss = self.loss(batch, indices)
         if not torch.isfinite(loss):
             raise RankwiseError(f"recovery diverged at step {step}: loss {float(loss)}")
         loss.backward()
@@ -157,11 +172,35 @@ def check_windows(windows: torch.Tensor, config: RecoverConfig) -> None:
         raise CalibrationError("recovery needs at least one training window")
     if config.steps < 1:
         raise RankwiseError(f"recovery steps must be at least 1, got {config.steps}")
+    if config.teacher_topk and config.hidden_weight:
+        raise RankwiseError("hidden-state matching needs the live teacher (teacher_topk 0)")
+
+
+def cached_teacher(
+    teacher: nn.Module | Callable[[], nn.Module],
+    windows: torch.Tensor,
+    config: RecoverConfig,
+    path: Path,
+    reporter: Reporter,
+) -> TeacherCache:
+    """The teacher's top-k targets for every window the run will see, computed once."""
+    needed = torch.cat(
+        [
+            batch_indices(s, len(windows), config.batch_size, config.seed)
+            for s in range(config.steps)
+        ]
+    )
+    indices = sorted(set(needed.tolist()))
+    cache = TeacherCache(path, config.teacher_topk)
+    with reporter.task("teacher top-k", total=len(indices)) as advance:
+        model = teacher() if callable(teacher) and not isinstance(teacher, nn.Module) else teacher
+        cache.build(model.eval(), windows, indices, advance)
+    return cache
 
 
 def recover(
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | Callable[[], nn.Module],
     windows: torch.Tensor,
     config: RecoverConfig,
     reporter: Reporter | None = None,
@@ -170,14 +209,27 @@ def recover(
 ) -> RecoverLog:
     """Train the student's factors for `config.steps` steps on `windows` (count, seq_len).
 
-    With `checkpoints`, the state is saved every `checkpoint_every` steps, and a run whose
-    checkpoint directory holds one continues from the latest.
+    `teacher` is the original model, or a function that loads it (with `teacher_topk`, it is
+    then loaded only for the top-k pass and freed). With `checkpoints`, the state is saved every
+    `checkpoint_every` steps, and a run whose checkpoint directory holds one continues from the
+    latest; the teacher cache lives there too.
     """
     reporter = reporter or Reporter()
     check_windows(windows, config)
     student.eval()  # no dropout: a step is a pure function of the weights and the batch
-    teacher.eval()
-    distiller = Distiller(student, teacher, config)
+    cache = None
+    if config.teacher_topk:
+        with tempfile.TemporaryDirectory() as scratch:
+            where = checkpoints.directory if checkpoints is not None else Path(scratch)
+            cache = cached_teacher(
+                teacher, windows, config, where / "teacher.safetensors", reporter
+            )
+        teacher = None
+    elif callable(teacher) and not isinstance(teacher, nn.Module):
+        teacher = teacher()
+    if teacher is not None:
+        teacher.eval()
+    distiller = Distiller(student, teacher, config, cache)
     log = RecoverLog()
     if checkpoints is not None:
         log.start_step, log.losses = checkpoints.restore(distiller.params, distiller.optimizer)
@@ -189,7 +241,7 @@ def recover(
         for step in range(log.start_step, config.steps):
             ids = batch_indices(step, len(windows), config.batch_size, config.seed)
             batch = windows[ids]  # (batch, seq)
-            log.losses.append(distiller.step(step, batch))
+            log.losses.append(distiller.step(step, batch, ids))
             log.tokens += batch.numel()
             log.seconds = time.perf_counter() - start - paused
             advance(1, status=f"loss {log.losses[-1]:.4f}  {log.tokens_per_second:.0f} tok/s")
