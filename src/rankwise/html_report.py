@@ -1,0 +1,408 @@
+"""`rankwise report`: one self-contained HTML page comparing compressed model directories.
+
+Everything it shows is read from the directories (config.json's rankwise block, the stored
+factors, `eval.json` written by `rankwise eval` / `compress --eval`) or from figure files the user
+names; nothing is recomputed that was measured before, and no model is run. The page uses inline
+CSS and relative PNGs next to it, so the folder can be copied and read offline.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from rankwise import plots
+from rankwise.atomic import atomic_directory
+from rankwise.errors import ModelNotFoundError, RankwiseError
+from rankwise.io import EVAL_FILE, WEIGHTS, directory_bytes, is_compressed_dir
+from rankwise.report import fmt_ppl, human_bytes
+
+SPECTRA_LAYERS = 4
+
+
+@dataclass
+class Run:
+    """One compressed directory, as the report sees it."""
+
+    directory: Path
+    label: str
+    block: dict  # config.json's rankwise block
+    bytes: int
+    figures: dict = field(default_factory=dict)  # {"perplexity": {stream: ppl}, "windows": n}
+
+    @property
+    def targets(self) -> dict[str, dict]:
+        """Per-layer {out, in, rank, rel_error, ...} in model order (same source as inspect)."""
+        return {t["name"]: t for t in self.block.get("targets", [])} or self.block.get("layers", {})
+
+    def kept(self) -> dict[str, float]:
+        """Fraction of each targeted layer's parameters kept (1 where it stayed dense)."""
+        kept = {}
+        for name, layer in self.targets.items():
+            out_f, in_f, rank = int(layer["out"]), int(layer["in"]), layer.get("rank")
+            kept[name] = 1.0 if rank is None else int(rank) * (out_f + in_f) / (out_f * in_f)
+        return kept
+
+
+def read_run(directory: Path, label: str) -> Run:
+    if not directory.is_dir():
+        raise ModelNotFoundError(f"report: no such directory: {directory}")
+    if not is_compressed_dir(directory):
+        raise ModelNotFoundError(f"report: not a rankwise model directory: {directory}")
+    block = json.loads((directory / "config.json").read_text())["rankwise"]
+    stored = directory / EVAL_FILE
+    figures = json.loads(stored.read_text()) if stored.is_file() else {}
+    return Run(directory, label, block, directory_bytes(directory), figures)
+
+
+def read_runs(directories: list[Path]) -> list[Run]:
+    """Check every directory before anything is written; labels are the names, made unique."""
+    runs: list[Run] = []
+    for directory in directories:
+        label = directory.name or str(directory)
+        if any(run.label == label for run in runs):
+            label = str(directory)
+        runs.append(read_run(directory.expanduser().resolve(), label))
+    return runs
+
+
+def read_figure_files(paths: list[Path]) -> list[dict]:
+    """Rows from JSON the CLI wrote: `eval --json` (one row), `compress --json` (dense and
+    compressed rows), or a list of such rows (a bench script's output)."""
+    rows: list[dict] = []
+    for path in paths:
+        if not path.is_file():
+            raise RankwiseError(f"report: figures file not found: {path}")
+        try:
+            content = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise RankwiseError(f"report: {path} is not JSON: {err}") from None
+        if isinstance(content, dict) and "compressed" in content:
+            rows.append({**content["compressed"], "name": content.get("out", "")})
+            rows.append({**content.get("dense", {}), "name": "dense", "targeted_ratio": 0.0})
+        else:
+            rows += content if isinstance(content, list) else [content]
+    return rows
+
+
+def attach_figures(runs: list[Run], rows: list[dict]) -> list[dict]:
+    """Give each run the figures of the row naming its directory; return the other rows."""
+    others = []
+    for row in rows:
+        name = str(row.get("name", ""))
+        match = [run for run in runs if name and Path(name).expanduser().resolve() == run.directory]
+        for run in match:
+            run.figures = {**run.figures, **row}
+        if not match and row.get("perplexity"):
+            others.append(row)
+    return others
+
+
+# --- spectra --------------------------------------------------------------------------------
+
+
+def factor_spectrum(left: torch.Tensor, right: torch.Tensor) -> np.ndarray:
+    """Singular values of left @ right without forming it: with left = Ql Rl and right^T = Qr Rr,
+    left @ right = Ql (Rl Rr^T) Qr^T, so they are those of the small (rank, rank) Rl Rr^T."""
+    r_left = torch.linalg.qr(left.double())[1]  # (rank, rank)
+    r_right = torch.linalg.qr(right.double().T)[1]  # (rank, rank)
+    return torch.linalg.svdvals(r_left @ r_right.T).numpy()  # (rank,)
+
+
+def select_layers(run: Run, count: int = SPECTRA_LAYERS) -> list[str]:
+    """A few telling layers: the first, the most and least compressed, the last."""
+    kept = {n: f for n, f in run.kept().items() if run.targets[n].get("rank") is not None}
+    if not kept:
+        return []
+    names = list(kept)
+    chosen = [names[0], min(kept, key=kept.get), max(kept, key=kept.get), names[-1]]
+    return list(dict.fromkeys(chosen))[:count]
+
+
+def run_spectra(run: Run, layers: list[str]) -> dict[str, np.ndarray]:
+    spectra = {}
+    with safe_open(str(run.directory / WEIGHTS), framework="pt") as weights:
+        keys = set(weights.keys())
+        for layer in layers:
+            if f"{layer}.left" in keys and f"{layer}.right" in keys:
+                left, right = (
+                    weights.get_tensor(f"{layer}.left"),
+                    weights.get_tensor(f"{layer}.right"),
+                )
+                spectra[layer] = factor_spectrum(left, right)
+    return spectra
+
+
+def dense_weights_file(run: Run) -> Path | None:
+    """The source model's safetensors, where it can still be found (bundled cache or a dir)."""
+    from rankwise.models import BUNDLED, cache_dir
+
+    source = str(run.block.get("source_model", ""))
+    if source in BUNDLED:
+        candidates = [cache_dir() / BUNDLED[source][0] / WEIGHTS]
+    else:
+        candidates = [Path(source) / WEIGHTS, run.directory.parent / source / WEIGHTS]
+    return next((path for path in candidates if source and path.is_file()), None)
+
+
+def dense_spectra(runs: list[Run], layers: list[str]) -> dict[str, np.ndarray]:
+    """Spectra of the source model's weights, for the layers whose shape matches the target's
+    (a model compressed in memory records the recipe's model name, which may be another model)."""
+    path = next((p for p in map(dense_weights_file, runs) if p is not None), None)
+    if path is None:
+        return {}
+    spectra = {}
+    with safe_open(str(path), framework="pt") as weights:
+        keys = set(weights.keys())
+        for layer in (name for name in layers if f"{name}.weight" in keys):
+            target = next(run.targets[layer] for run in runs if layer in run.targets)
+            shape = tuple(weights.get_slice(f"{layer}.weight").get_shape())
+            if sorted(shape) != sorted((int(target["out"]), int(target["in"]))):
+                continue
+            weight = weights.get_tensor(
+                f"{layer}.weight"
+            ).double()  # (out, in) or GPT-2's (in, out)
+            spectra[layer] = torch.linalg.svdvals(weight).numpy()
+    return spectra
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+
+def quality_points(runs: list[Run], others: list[dict]) -> list[plots.QualityPoint]:
+    points = []
+    for run in runs:
+        if run.figures.get("perplexity"):
+            windows = run.figures.get("windows")
+            group = f"{run.block.get('method')}, {run.block.get('allocation', 'uniform')}"
+            group += f", {windows} windows" if windows else ""
+            ratio = float(run.block.get("targeted_ratio") or 0.0)
+            points.append(plots.QualityPoint(run.label, group, ratio, run.figures["perplexity"]))
+    dense = next(
+        (r.figures["dense_perplexity"] for r in runs if r.figures.get("dense_perplexity")), None
+    )
+    if dense and not any(float(row.get("targeted_ratio") or 0) == 0 for row in others):
+        others = [{"name": "dense", "perplexity": dense}] + others
+    for row in others:
+        ratio = float(row.get("targeted_ratio") or 0.0)
+        label = Path(str(row.get("name", "?"))).name or str(row.get("name"))
+        group = "reference" if ratio == 0 else "figures files"
+        points.append(plots.QualityPoint(label, group, ratio, row["perplexity"]))
+    return points
+
+
+def streams_of(points: list[plots.QualityPoint]) -> list[str]:
+    return list(
+        dict.fromkeys(s for p in points for s in p.perplexity if math.isfinite(p.perplexity[s]))
+    )
+
+
+@dataclass
+class Picture:
+    file: str
+    title: str
+    caption: str
+    figure: object  # matplotlib Figure
+
+
+def pictures(runs: list[Run], others: list[dict], layers: list[str] | None) -> list[Picture]:
+    result = [
+        Picture(
+            "rank_kept.png",
+            "Rank kept per layer",
+            "Share of each targeted layer's parameters kept, rank x (out + in) / (out x in), "
+            "from config.json's rankwise block; 100 = left dense.",
+            plots.rank_kept_figure({run.label: run.kept() for run in runs}),
+        )
+    ]
+    known = {name for run in runs for name in run.targets}
+    unknown = [layer for layer in layers or [] if layer not in known]
+    if unknown:
+        raise RankwiseError(
+            f"report: no layer {unknown[0]} in the directories (see rankwise inspect)"
+        )
+    layers = layers or select_layers(runs[0])
+    spectra = {run.label: run_spectra(run, layers) for run in runs}
+    by_layer = {
+        layer: {label: s[layer] for label, s in spectra.items() if layer in s} for layer in layers
+    }
+    by_layer = {layer: values for layer, values in by_layer.items() if values}
+    if by_layer:
+        dense = dense_spectra(runs, list(by_layer))
+        source = "and of the dense source model's weight" if dense else "(dense weights not found)"
+        result.append(
+            Picture(
+                "spectra.png",
+                "Singular-value spectra",
+                f"Singular values of the stored factors' product left @ right {source}. "
+                "Layers: the first, the most and least compressed and the last of "
+                f"{runs[0].label}, unless --layers chose them.",
+                plots.spectra_figure(by_layer, dense),
+            )
+        )
+    points = quality_points(runs, others)
+    streams = streams_of(points)
+    if streams:
+        result.append(
+            Picture(
+                "perplexity.png",
+                "Perplexity against ratio",
+                "Perplexity per evaluation stream (stored by rankwise eval / compress --eval, or "
+                "from --figures files) against the targeted parameters removed. Points with "
+                "different window counts are in different groups: compare within one.",
+                plots.quality_figure(points, streams),
+            )
+        )
+    result.append(size_picture(runs))
+    return result
+
+
+def size_picture(runs: list[Run]) -> Picture:
+    labels = [run.label for run in runs]
+    params = [int(run.block.get("model_params_after") or 0) for run in runs]
+    sizes = [run.bytes for run in runs]
+    dense = int(runs[0].block.get("model_params_before") or 0)
+    if dense:
+        labels, params, sizes = ["dense (fp32)"] + labels, [dense] + params, [4 * dense] + sizes
+    return Picture(
+        "size.png",
+        "Parameters and bytes",
+        "Whole-model parameters (embeddings and head included, tied weights once) and bytes of "
+        "the safetensors files; the dense bytes are its fp32 size, 4 bytes per parameter.",
+        plots.size_figure(labels, params, sizes),
+    )
+
+
+# --- HTML -------------------------------------------------------------------------------------
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222;
+       padding: 0 1em; line-height: 1.45; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.25em; margin-top: 1.8em; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+th { background: #f1f3f5; } td.name, th.name { text-align: left; }
+tr:nth-child(even) td { background: #fafafa; }
+figure { margin: 1em 0 2em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { color: #555; font-size: 0.9em; margin-top: 0.3em; }
+.muted { color: #888; } details { margin: 0.5em 0; } summary { cursor: pointer; }
+"""
+
+
+def _pct(value: object) -> str:
+    return "-" if value is None else f"{float(value):.1%}"
+
+
+def summary_html(runs: list[Run], streams: list[str]) -> str:
+    head = (
+        [
+            "directory",
+            "method",
+            "allocation",
+            "requested",
+            "targeted removed",
+            "model removed",
+            "params",
+            "bytes",
+        ]
+        + [f"ppl {s}" for s in streams]
+        + ["windows"]
+    )
+    lines = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    for run in runs:
+        ppl = run.figures.get("perplexity") or {}
+        measured = [fmt_ppl(ppl.get(s)) if s in ppl else "not measured" for s in streams]
+        cells = [
+            run.block.get("method", "?"),
+            run.block.get("allocation", "-"),
+            _pct(run.block.get("ratio")),
+            _pct(run.block.get("targeted_ratio")),
+            _pct(run.block.get("model_ratio")),
+            f"{int(run.block.get('model_params_after') or 0):,}",
+            human_bytes(run.bytes),
+            *measured,
+            str(run.figures.get("windows", "-")),
+        ]
+        name = f'<td class="name" title="{html.escape(str(run.directory))}">'
+        lines.append(
+            f"<tr>{name}{html.escape(run.label)}</td>"
+            + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells)
+            + "</tr>"
+        )
+    return "\n".join(lines) + "</table>"
+
+
+def layers_html(run: Run) -> str:
+    head = "".join(f"<th>{h}</th>" for h in ("shape", "rank", "kept", "rel. error"))
+    rows = []
+    for (name, layer), kept in zip(run.targets.items(), run.kept().values(), strict=True):
+        error = layer.get("rel_error")
+        cells = [
+            f"{layer['out']}x{layer['in']}",
+            layer.get("rank") or "dense",
+            f"{kept:.1%}",
+            "-" if error is None else f"{float(error):.4f}",
+        ]
+        rows.append(
+            f'<tr><td class="name">{html.escape(name)}</td>'
+            + "".join(f"<td>{c}</td>" for c in cells)
+            + "</tr>"
+        )
+    return (
+        f"<details><summary>{html.escape(run.label)}: {len(rows)} layers</summary>"
+        f'<table><tr><th class="name">layer</th>{head}</tr>{"".join(rows)}</table>'
+        "</details>"
+    )
+
+
+def page_html(runs: list[Run], pics: list[Picture], streams: list[str]) -> str:
+    unmeasured = [run.label for run in runs if not run.figures.get("perplexity")]
+    note = (
+        f'<p class="muted">Perplexity not measured for {html.escape(", ".join(unmeasured))}: '
+        "run <code>rankwise eval DIR</code> (it stores DIR/eval.json), or pass "
+        "<code>--eval-windows N</code> or <code>--figures F.json</code> to the report.</p>"
+        if unmeasured
+        else ""
+    )
+    figures = "\n".join(
+        f'<h2>{html.escape(p.title)}</h2><figure><img src="{p.file}" alt="{html.escape(p.title)}">'
+        f"<figcaption>{html.escape(p.caption)}</figcaption></figure>"
+        for p in pics
+    )
+    stamp = datetime.now().strftime("%Y-%m-%d %H:%M")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>rankwise report</title>
+<style>{CSS}</style></head><body>
+<h1>rankwise report</h1>
+<p class="muted">{len(runs)} model director{"y" if len(runs) == 1 else "ies"}, {stamp}.
+Ratios: <b>requested</b> and <b>targeted removed</b> count the targeted layers' weights,
+<b>model removed</b> the whole model's parameters.</p>
+<h2>Summary</h2>
+{summary_html(runs, streams)}
+{note}
+{figures}
+<h2>Layers</h2>
+{"".join(layers_html(run) for run in runs)}
+</body></html>
+"""
+
+
+def write_report(
+    runs: list[Run], out: Path, others: list[dict], layers: list[str] | None = None
+) -> Path:
+    """Draw the pictures and write out/index.html with them, atomically (all or nothing)."""
+    pics = pictures(runs, others, layers)
+    streams = streams_of(quality_points(runs, []))
+    with atomic_directory(out) as tmp:
+        for pic in pics:
+            pic.figure.savefig(tmp / pic.file)
+        (tmp / "index.html").write_text(page_html(runs, pics, streams))
+    return out / "index.html"
