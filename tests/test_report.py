@@ -18,9 +18,10 @@ from test_cli import cli, error_lines
 import rankwise
 from rankwise.commands import run_report
 from rankwise.errors import ModelNotFoundError, OutputExistsError, RankwiseError
-from rankwise.html_report import factor_spectrum, read_runs
+from rankwise.html_report import read_runs
 from rankwise.plots import kept_grid
 from rankwise.recipe import LayerOverride, Recipe
+from rankwise.spectra import factor_spectrum
 
 
 class _Images(HTMLParser):
@@ -104,6 +105,23 @@ def test_several_directories_with_stored_figures(tiny_dirs: list[Path], tmp_path
         run_report(dirs, tmp_path / "r")
     run_report(dirs[:1], tmp_path / "r", overwrite=True)
     assert "150.00" not in index.read_text()
+
+
+def test_compress_json_figures(tiny_dirs: list[Path], tmp_path: Path) -> None:
+    """`compress --json` output: the compressed row lands on its directory, the dense one is the
+    reference line; a list of such files (a bench script's rows) reads the same."""
+    compress_json = {
+        "recipe": {"method": "svd", "allocation": "uniform"},
+        "out": str(tiny_dirs[1]),
+        "dense": {"name": "dense", "params": 1, "perplexity": {"wiki": 50.0}},
+        "compressed": {"name": "svd 0.5", "targeted_ratio": 0.5, "perplexity": {"wiki": 80.0}},
+    }
+    figures = tmp_path / "f.json"
+    figures.write_text(json.dumps([compress_json, compress_json]))
+    index = run_report(tiny_dirs, tmp_path / "r", figure_files=[figures])
+    assert "perplexity.png" in assert_complete(tmp_path / "r")
+    page = index.read_text()
+    assert "80.00" in page and "Perplexity not measured for a:" in page  # only the first
 
 
 def test_missing_directory_writes_nothing(tiny_dirs: list[Path], tmp_path: Path) -> None:

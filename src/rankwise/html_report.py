@@ -2,8 +2,8 @@
 
 Everything it shows is read from the directories (config.json's rankwise block, the stored
 factors, `eval.json` written by `rankwise eval` / `compress --eval`) or from figure files the user
-names; nothing is recomputed that was measured before, and no model is run. The page uses inline
-CSS and relative PNGs next to it, so the folder can be copied and read offline.
+names; this module runs no model (`--eval-windows` measures in `commands.run_report`). The page
+uses inline CSS and relative PNGs next to it, so the folder can be copied and read offline.
 """
 
 from __future__ import annotations
@@ -15,17 +15,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
-import torch
-from safetensors import safe_open
-
 from rankwise import plots
 from rankwise.atomic import atomic_directory
 from rankwise.errors import ModelNotFoundError, RankwiseError
-from rankwise.io import EVAL_FILE, WEIGHTS, directory_bytes, is_compressed_dir
+from rankwise.io import EVAL_FILE, directory_bytes, is_compressed_dir
 from rankwise.report import fmt_ppl, human_bytes
-
-SPECTRA_LAYERS = 4
+from rankwise.spectra import dense_spectra, run_spectra, select_layers
 
 
 @dataclass
@@ -74,104 +69,47 @@ def read_runs(directories: list[Path]) -> list[Run]:
     return runs
 
 
+def figure_rows(content: object) -> list[dict]:
+    """Rows from JSON the CLI wrote: `eval --json` (one row), `compress --json` (its dense and
+    compressed rows, the latter keyed to its directory by `path`), or a list of either."""
+    if isinstance(content, list):
+        return [row for item in content for row in figure_rows(item)]
+    if not isinstance(content, dict):
+        return []
+    if "compressed" not in content:
+        return [content]
+    recipe = content.get("recipe", {})
+    group = f"{recipe.get('method')}, {recipe.get('allocation')}" if recipe else None
+    compressed = {**content["compressed"], "path": content.get("out", ""), "group": group}
+    return [compressed, {**content.get("dense", {}), "name": "dense", "targeted_ratio": 0.0}]
+
+
 def read_figure_files(paths: list[Path]) -> list[dict]:
-    """Rows from JSON the CLI wrote: `eval --json` (one row), `compress --json` (dense and
-    compressed rows), or a list of such rows (a bench script's output)."""
     rows: list[dict] = []
     for path in paths:
         if not path.is_file():
             raise RankwiseError(f"report: figures file not found: {path}")
         try:
-            content = json.loads(path.read_text())
+            rows += figure_rows(json.loads(path.read_text()))
         except json.JSONDecodeError as err:
             raise RankwiseError(f"report: {path} is not JSON: {err}") from None
-        if isinstance(content, dict) and "compressed" in content:
-            rows.append({**content["compressed"], "name": content.get("out", "")})
-            rows.append({**content.get("dense", {}), "name": "dense", "targeted_ratio": 0.0})
-        else:
-            rows += content if isinstance(content, list) else [content]
     return rows
 
 
 def attach_figures(runs: list[Run], rows: list[dict]) -> list[dict]:
-    """Give each run the figures of the row naming its directory; return the other rows."""
-    others = []
+    """Give each run the figures of the row naming its directory; return the other rows (one
+    per dense reference)."""
+    others: list[dict] = []
     for row in rows:
-        name = str(row.get("name", ""))
+        name = str(row.get("path") or row.get("name") or "")
         match = [run for run in runs if name and Path(name).expanduser().resolve() == run.directory]
         for run in match:
             run.figures = {**run.figures, **row}
-        if not match and row.get("perplexity"):
+        reference = not row.get("targeted_ratio")
+        seen = any(reference and other.get("name") == row.get("name") for other in others)
+        if not match and row.get("perplexity") and not seen:
             others.append(row)
     return others
-
-
-# --- spectra --------------------------------------------------------------------------------
-
-
-def factor_spectrum(left: torch.Tensor, right: torch.Tensor) -> np.ndarray:
-    """Singular values of left @ right without forming it: with left = Ql Rl and right^T = Qr Rr,
-    left @ right = Ql (Rl Rr^T) Qr^T, so they are those of the small (rank, rank) Rl Rr^T."""
-    r_left = torch.linalg.qr(left.double())[1]  # (rank, rank)
-    r_right = torch.linalg.qr(right.double().T)[1]  # (rank, rank)
-    return torch.linalg.svdvals(r_left @ r_right.T).numpy()  # (rank,)
-
-
-def select_layers(run: Run, count: int = SPECTRA_LAYERS) -> list[str]:
-    """A few telling layers: the first, the most and least compressed, the last."""
-    kept = {n: f for n, f in run.kept().items() if run.targets[n].get("rank") is not None}
-    if not kept:
-        return []
-    names = list(kept)
-    chosen = [names[0], min(kept, key=kept.get), max(kept, key=kept.get), names[-1]]
-    return list(dict.fromkeys(chosen))[:count]
-
-
-def run_spectra(run: Run, layers: list[str]) -> dict[str, np.ndarray]:
-    spectra = {}
-    with safe_open(str(run.directory / WEIGHTS), framework="pt") as weights:
-        keys = set(weights.keys())
-        for layer in layers:
-            if f"{layer}.left" in keys and f"{layer}.right" in keys:
-                left, right = (
-                    weights.get_tensor(f"{layer}.left"),
-                    weights.get_tensor(f"{layer}.right"),
-                )
-                spectra[layer] = factor_spectrum(left, right)
-    return spectra
-
-
-def dense_weights_file(run: Run) -> Path | None:
-    """The source model's safetensors, where it can still be found (bundled cache or a dir)."""
-    from rankwise.models import BUNDLED, cache_dir
-
-    source = str(run.block.get("source_model", ""))
-    if source in BUNDLED:
-        candidates = [cache_dir() / BUNDLED[source][0] / WEIGHTS]
-    else:
-        candidates = [Path(source) / WEIGHTS, run.directory.parent / source / WEIGHTS]
-    return next((path for path in candidates if source and path.is_file()), None)
-
-
-def dense_spectra(runs: list[Run], layers: list[str]) -> dict[str, np.ndarray]:
-    """Spectra of the source model's weights, for the layers whose shape matches the target's
-    (a model compressed in memory records the recipe's model name, which may be another model)."""
-    path = next((p for p in map(dense_weights_file, runs) if p is not None), None)
-    if path is None:
-        return {}
-    spectra = {}
-    with safe_open(str(path), framework="pt") as weights:
-        keys = set(weights.keys())
-        for layer in (name for name in layers if f"{name}.weight" in keys):
-            target = next(run.targets[layer] for run in runs if layer in run.targets)
-            shape = tuple(weights.get_slice(f"{layer}.weight").get_shape())
-            if sorted(shape) != sorted((int(target["out"]), int(target["in"]))):
-                continue
-            weight = weights.get_tensor(
-                f"{layer}.weight"
-            ).double()  # (out, in) or GPT-2's (in, out)
-            spectra[layer] = torch.linalg.svdvals(weight).numpy()
-    return spectra
 
 
 # --- figures ----------------------------------------------------------------------------------
@@ -194,7 +132,7 @@ def quality_points(runs: list[Run], others: list[dict]) -> list[plots.QualityPoi
     for row in others:
         ratio = float(row.get("targeted_ratio") or 0.0)
         label = Path(str(row.get("name", "?"))).name or str(row.get("name"))
-        group = "reference" if ratio == 0 else "figures files"
+        group = "reference" if ratio == 0 else row.get("group") or "figures files"
         points.append(plots.QualityPoint(label, group, ratio, row["perplexity"]))
     return points
 
