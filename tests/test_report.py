@@ -82,7 +82,7 @@ def test_one_directory(tiny_dirs: list[Path], tmp_path: Path) -> None:
     sources = assert_complete(tmp_path / "r")
     assert {"rank_kept.png", "spectra.png", "size.png"} <= set(sources)
     page = index.read_text()
-    assert "not measured" in page and "svd" in page and "30.0%" in page  # requested ratio
+    assert "Nothing measured for a" in page and "svd" in page and "30.0%" in page  # requested
 
 
 def test_several_directories_with_stored_figures(tiny_dirs: list[Path], tmp_path: Path) -> None:
@@ -90,16 +90,16 @@ def test_several_directories_with_stored_figures(tiny_dirs: list[Path], tmp_path
     for source, copy in zip(tiny_dirs, dirs, strict=True):
         shutil.copytree(source, copy)
     for directory, ppl in zip(dirs, (120.0, 150.0), strict=True):
-        (directory / "eval.json").write_text(
-            json.dumps({"name": str(directory), "perplexity": {"bbc": ppl}, "windows": 2})
-        )
+        figures = {"perplexity": {"bbc": ppl}, "accuracy": {"rt_sentiment": ppl / 200}}
+        (directory / "eval.json").write_text(json.dumps({**figures, "windows": 2}))
     figures = tmp_path / "dense.json"
     figures.write_text(json.dumps({"name": "default", "perplexity": {"bbc": 100.0}}))
     index = run_report(dirs, tmp_path / "r", figure_files=[figures])
     sources = assert_complete(tmp_path / "r")
-    assert "perplexity.png" in sources and len(sources) == 4
+    assert "quality.png" in sources and len(sources) == 4
     page = index.read_text()
     assert "120.00" in page and "150.00" in page and "not measured" not in page
+    assert "acc rt_sentiment" in page and "75.0%" in page
     # the overwrite flag replaces the report; without it nothing changes
     with pytest.raises(OutputExistsError):
         run_report(dirs, tmp_path / "r")
@@ -119,9 +119,9 @@ def test_compress_json_figures(tiny_dirs: list[Path], tmp_path: Path) -> None:
     figures = tmp_path / "f.json"
     figures.write_text(json.dumps([compress_json, compress_json]))
     index = run_report(tiny_dirs, tmp_path / "r", figure_files=[figures])
-    assert "perplexity.png" in assert_complete(tmp_path / "r")
+    assert "quality.png" in assert_complete(tmp_path / "r")
     page = index.read_text()
-    assert "80.00" in page and "Perplexity not measured for a:" in page  # only the first
+    assert "80.00" in page and "Nothing measured for a:" in page  # only the first
 
 
 def test_missing_directory_writes_nothing(tiny_dirs: list[Path], tmp_path: Path) -> None:

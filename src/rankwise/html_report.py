@@ -31,7 +31,12 @@ class Run:
     label: str
     block: dict  # config.json's rankwise block
     bytes: int
-    figures: dict = field(default_factory=dict)  # {"perplexity": {stream: ppl}, "windows": n}
+    # {"perplexity": {stream: ppl}, "accuracy": {task: acc}, "windows": n}, each optional
+    figures: dict = field(default_factory=dict)
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.figures.get("perplexity") or self.figures.get("accuracy"))
 
     @property
     def targets(self) -> dict[str, dict]:
@@ -107,7 +112,7 @@ def attach_figures(runs: list[Run], rows: list[dict]) -> list[dict]:
             run.figures = {**run.figures, **row}
         reference = not row.get("targeted_ratio")
         seen = any(reference and other.get("name") == row.get("name") for other in others)
-        if not match and row.get("perplexity") and not seen:
+        if not match and (row.get("perplexity") or row.get("accuracy")) and not seen:
             others.append(row)
     return others
 
@@ -118,12 +123,12 @@ def attach_figures(runs: list[Run], rows: list[dict]) -> list[dict]:
 def quality_points(runs: list[Run], others: list[dict]) -> list[plots.QualityPoint]:
     points = []
     for run in runs:
-        if run.figures.get("perplexity"):
+        if run.measured:
             windows = run.figures.get("windows")
             group = f"{run.block.get('method')}, {run.block.get('allocation', 'uniform')}"
             group += f", {windows} windows" if windows else ""
             ratio = float(run.block.get("targeted_ratio") or 0.0)
-            points.append(plots.QualityPoint(run.label, group, ratio, run.figures["perplexity"]))
+            points.append(point(run.label, group, ratio, run.figures))
     dense = next(
         (r.figures["dense_perplexity"] for r in runs if r.figures.get("dense_perplexity")), None
     )
@@ -133,14 +138,20 @@ def quality_points(runs: list[Run], others: list[dict]) -> list[plots.QualityPoi
         ratio = float(row.get("targeted_ratio") or 0.0)
         label = Path(str(row.get("name", "?"))).name or str(row.get("name"))
         group = "reference" if ratio == 0 else row.get("group") or "figures files"
-        points.append(plots.QualityPoint(label, group, ratio, row["perplexity"]))
+        points.append(point(label, group, ratio, row))
     return points
 
 
-def streams_of(points: list[plots.QualityPoint]) -> list[str]:
-    return list(
-        dict.fromkeys(s for p in points for s in p.perplexity if math.isfinite(p.perplexity[s]))
-    )
+def point(label: str, group: str, ratio: float, figures: dict) -> plots.QualityPoint:
+    perplexity, accuracy = figures.get("perplexity") or {}, figures.get("accuracy") or {}
+    return plots.QualityPoint(label, group, ratio, dict(perplexity), dict(accuracy))
+
+
+def metrics_of(points: list[plots.QualityPoint]) -> tuple[list[str], list[str]]:
+    """The perplexity streams and accuracy tasks with a finite value somewhere, in order seen."""
+    streams = [s for p in points for s, v in p.perplexity.items() if math.isfinite(v)]
+    tasks = [t for p in points for t, v in p.accuracy.items() if math.isfinite(v)]
+    return list(dict.fromkeys(streams)), list(dict.fromkeys(tasks))
 
 
 @dataclass
@@ -187,16 +198,17 @@ def pictures(runs: list[Run], others: list[dict], layers: list[str] | None) -> l
             )
         )
     points = quality_points(runs, others)
-    streams = streams_of(points)
-    if streams:
+    streams, tasks = metrics_of(points)
+    if streams or tasks:
         result.append(
             Picture(
-                "perplexity.png",
-                "Perplexity against ratio",
-                "Perplexity per evaluation stream (stored by rankwise eval / compress --eval, or "
-                "from --figures files) against the targeted parameters removed. Points with "
-                "different window counts are in different groups: compare within one.",
-                plots.quality_figure(points, streams),
+                "quality.png",
+                "Quality against ratio",
+                "Perplexity per evaluation stream and accuracy per task (stored by rankwise eval "
+                "/ compress --eval, or from --figures files) against the targeted parameters "
+                "removed. Points with different window counts are in different groups: compare "
+                "within one.",
+                plots.quality_figure(points, streams, tasks),
             )
         )
     result.append(size_picture(runs))
@@ -239,7 +251,7 @@ def _pct(value: object) -> str:
     return "-" if value is None else f"{float(value):.1%}"
 
 
-def summary_html(runs: list[Run], streams: list[str]) -> str:
+def summary_html(runs: list[Run], streams: list[str], tasks: list[str]) -> str:
     head = (
         [
             "directory",
@@ -252,12 +264,14 @@ def summary_html(runs: list[Run], streams: list[str]) -> str:
             "bytes",
         ]
         + [f"ppl {s}" for s in streams]
+        + [f"acc {t}" for t in tasks]
         + ["windows"]
     )
     lines = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for run in runs:
-        ppl = run.figures.get("perplexity") or {}
-        measured = [fmt_ppl(ppl.get(s)) if s in ppl else "not measured" for s in streams]
+        ppl, acc = run.figures.get("perplexity") or {}, run.figures.get("accuracy") or {}
+        measured = [fmt_ppl(ppl[s]) if s in ppl else "not measured" for s in streams]
+        measured += [_pct(acc[t]) if t in acc else "not measured" for t in tasks]
         cells = [
             run.block.get("method", "?"),
             run.block.get("allocation", "-"),
@@ -301,10 +315,10 @@ def layers_html(run: Run) -> str:
     )
 
 
-def page_html(runs: list[Run], pics: list[Picture], streams: list[str]) -> str:
-    unmeasured = [run.label for run in runs if not run.figures.get("perplexity")]
+def page_html(runs: list[Run], pics: list[Picture], metrics: tuple[list[str], list[str]]) -> str:
+    unmeasured = [run.label for run in runs if not run.measured]
     note = (
-        f'<p class="muted">Perplexity not measured for {html.escape(", ".join(unmeasured))}: '
+        f'<p class="muted">Nothing measured for {html.escape(", ".join(unmeasured))}: '
         "run <code>rankwise eval DIR</code> (it stores DIR/eval.json), or pass "
         "<code>--eval-windows N</code> or <code>--figures F.json</code> to the report.</p>"
         if unmeasured
@@ -324,7 +338,7 @@ def page_html(runs: list[Run], pics: list[Picture], streams: list[str]) -> str:
 Ratios: <b>requested</b> and <b>targeted removed</b> count the targeted layers' weights,
 <b>model removed</b> the whole model's parameters.</p>
 <h2>Summary</h2>
-{summary_html(runs, streams)}
+{summary_html(runs, *metrics)}
 {note}
 {figures}
 <h2>Layers</h2>
@@ -338,9 +352,9 @@ def write_report(
 ) -> Path:
     """Draw the pictures and write out/index.html with them, atomically (all or nothing)."""
     pics = pictures(runs, others, layers)
-    streams = streams_of(quality_points(runs, []))
+    metrics = metrics_of(quality_points(runs, []))
     with atomic_directory(out) as tmp:
         for pic in pics:
             pic.figure.savefig(tmp / pic.file)
-        (tmp / "index.html").write_text(page_html(runs, pics, streams))
+        (tmp / "index.html").write_text(page_html(runs, pics, metrics))
     return out / "index.html"

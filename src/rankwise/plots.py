@@ -27,6 +27,7 @@ class QualityPoint:
     group: str  # points of one group are joined by a line (method, allocation, windows)
     ratio: float  # targeted parameters removed (0 for the dense model)
     perplexity: dict[str, float] = field(default_factory=dict)  # stream -> perplexity
+    accuracy: dict[str, float] = field(default_factory=dict)  # task -> accuracy (0..1)
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -131,44 +132,50 @@ def spectra_figure(
     return figure
 
 
-def quality_figure(points: list[QualityPoint], streams: list[str]) -> Figure:
-    """Perplexity (log scale) against the targeted ratio: one panel per stream, one line per
-    group, the dense model (ratio 0) as a dashed reference."""
-    figure = _figure(5.0 * len(streams), 3.8)
-    axes = figure.subplots(1, len(streams), squeeze=False)[0]
+def quality_figure(points: list[QualityPoint], streams: list[str], tasks: list[str]) -> Figure:
+    """Perplexity (log scale) per stream and accuracy per task against the targeted ratio: one
+    panel each, one line per group, the dense model (ratio 0) as a dashed reference."""
+    panels = [("perplexity", s) for s in streams] + [("accuracy", t) for t in tasks]
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    figure = _figure(5.0 * cols, 3.8 * rows)
+    axes = figure.subplots(rows, cols, squeeze=False).ravel()
     groups = list(dict.fromkeys(p.group for p in points if p.ratio > 0))
     colors = {group: f"C{i % 10}" for i, group in enumerate(groups)}
-    for ax, stream in zip(axes, streams, strict=True):
+    for ax, (kind, name) in zip(axes, panels, strict=False):
+        measured = [p for p in points if name in getattr(p, kind)]
         for group in groups:
-            chosen = sorted(
-                (p for p in points if p.group == group and stream in p.perplexity),
-                key=lambda p: p.ratio,
-            )
+            chosen = sorted((p for p in measured if p.group == group), key=lambda p: p.ratio)
             ratios = [100 * p.ratio for p in chosen]
-            values = [p.perplexity[stream] for p in chosen]
+            values = [getattr(p, kind)[name] for p in chosen]
             ax.plot(ratios, values, "o-", color=colors[group], label=group)
             for point, x, y in zip(chosen, ratios, values, strict=True):
                 ax.annotate(
                     point.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
                 )
-        for point in (p for p in points if p.ratio == 0 and stream in p.perplexity):
-            ax.axhline(point.perplexity[stream], ls="--", color="0.4", lw=1)
+        for point in (p for p in measured if p.ratio == 0):
+            value = getattr(point, kind)[name]
+            ax.axhline(value, ls="--", color="0.4", lw=1)
             ax.annotate(
-                f"{point.label} {point.perplexity[stream]:.2f}",
-                (0, point.perplexity[stream]),
-                xycoords=("axes fraction", "data"),
-                textcoords="offset points",
+                f"{point.label} {value:.3g}",
+                (0, value),
                 xytext=(4, 4),
                 fontsize=7,
+                xycoords=("axes fraction", "data"),
+                textcoords="offset points",
             )
-        ax.set_yscale("log")
-        _plain_log_labels(ax)
-        ax.set_title(f"{stream}", fontsize=10)
+        if kind == "perplexity":
+            ax.set_yscale("log")
+            _plain_log_labels(ax)
+        ax.set_title(name, fontsize=10)
         ax.set_xlabel("targeted parameters removed (%)")
-        ax.set_ylabel("perplexity (log scale)")
+        ax.set_ylabel("perplexity (log scale)" if kind == "perplexity" else "accuracy")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    figure.suptitle("Perplexity against compression ratio", fontsize=11)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    title = "Perplexity" if not tasks else "Accuracy" if not streams else "Perplexity and accuracy"
+    figure.suptitle(f"{title} against compression ratio", fontsize=11)
     return figure
 
 
