@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 # `model.layers.12.self_attn.q_proj` -> block `model.layers.12`, kind `self_attn.q_proj`
 _BLOCK = re.compile(r"^(?P<block>.*?\.\d+)\.(?P<kind>.+)$")
@@ -37,11 +37,13 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _plain_log_labels(ax: object) -> None:
-    """Log-scale y ticks as plain numbers (200, not 2x10^2); minor ones only within a decade."""
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    """Log-scale y ticks as plain numbers (200, not 2x10^2). Within about a decade the log
+    locator would leave one or two ticks: evenly spaced round numbers read better there."""
     low, high = ax.get_ylim()
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain if high / low < 12 else NullFormatter())
+    if high / low < 12:
+        ax.yaxis.set_major_locator(MaxNLocator(6))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
 
 
 def _scaled(values: list[float], units: tuple[str, ...]) -> tuple[list[float], str]:
@@ -164,6 +166,7 @@ def quality_figure(points: list[QualityPoint], streams: list[str], tasks: list[s
                 xycoords=("axes fraction", "data"),
                 textcoords="offset points",
             )
+        ax.margins(x=0.15, y=0.12)
         if kind == "perplexity":
             ax.set_yscale("log")
             _plain_log_labels(ax)
