@@ -178,7 +178,10 @@ def pictures(runs: list[Run], others: list[dict], layers: list[str] | None) -> l
         raise RankwiseError(
             f"report: no layer {unknown[0]} in the directories (see rankwise inspect)"
         )
-    layers = layers or select_layers(runs[0])
+    if not layers:  # the first run's telling layers, and a few of any run that has none of them
+        layers = select_layers(runs[0])
+        for run in runs[1:]:
+            layers += [] if set(layers) & set(run.targets) else select_layers(run, 2)
     spectra = {run.label: run_spectra(run, layers) for run in runs}
     by_layer = {
         layer: {label: s[layer] for label, s in spectra.items() if layer in s} for layer in layers
@@ -193,7 +196,7 @@ def pictures(runs: list[Run], others: list[dict], layers: list[str] | None) -> l
                 "Singular-value spectra",
                 f"Singular values of the stored factors' product left @ right {source}. "
                 "Layers: the first, the most and least compressed and the last of "
-                f"{runs[0].label}, unless --layers chose them.",
+                f"{runs[0].label} (unless --layers chose them).",
                 plots.spectra_figure(by_layer, dense),
             )
         )

@@ -85,7 +85,7 @@ def rank_kept_figure(runs: dict[str, dict[str, float]]) -> Figure:
     layouts = {label: kept_grid(kept) for label, kept in runs.items()}
     rows = max(len(blocks) for blocks, _, _ in layouts.values())
     cols = max(len(kinds) for _, kinds, _ in layouts.values())
-    figure = _figure(1.2 + len(runs) * (0.55 * cols + 1.0), 1.6 + 0.27 * rows)
+    figure = _figure(1.2 + len(runs) * (0.55 * cols + 1.0), max(3.2, 1.6 + 0.27 * rows))
     axes = figure.subplots(1, len(runs), squeeze=False)[0]
     image = None
     for ax, (label, (blocks, kinds, grid)) in zip(axes, layouts.items(), strict=True):
@@ -102,7 +102,7 @@ def rank_kept_figure(runs: dict[str, dict[str, float]]) -> Figure:
                 )
     common = {b.rsplit(".", 1)[0] for blocks, _, _ in layouts.values() for b in blocks}
     axes[0].set_ylabel(f"block ({common.pop()}.N)" if len(common) == 1 else "block")
-    figure.colorbar(image, ax=list(axes), label="parameters kept (fraction)", shrink=0.6)
+    figure.colorbar(image, ax=list(axes), label="kept (fraction)", shrink=0.6 if rows > 8 else 1.0)
     figure.suptitle("Rank kept per layer (% of the dense layer's parameters)", fontsize=11)
     return figure
 
@@ -125,6 +125,7 @@ def spectra_figure(
         _plain_log_labels(ax)
         ax.set_title(layer, fontsize=9)
         ax.set_xlabel("index of singular value")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("singular value")
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7)
