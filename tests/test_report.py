@@ -206,3 +206,23 @@ def test_unknown_layer_is_refused(tiny_dirs: list[Path], tmp_path: Path) -> None
     with pytest.raises(RankwiseError, match="no layer model.layers.9.mlp.up_proj"):
         run_report(tiny_dirs, tmp_path / "r", layers=["model.layers.9.mlp.up_proj"])
     assert not (tmp_path / "r").exists()
+
+
+def test_compress_eval_stores_figures_for_the_report(tmp_path: Path) -> None:
+    """`compress --eval` keeps its perplexities in DIR/eval.json; the report shows them."""
+    from conftest import word_tokenizer
+
+    from rankwise.commands import run_compress
+
+    model = make_model("llama", max_position_embeddings=600)
+    model.save_pretrained(tmp_path / "dense")
+    word_tokenizer().save_pretrained(tmp_path / "dense")
+    recipe = Recipe(model=str(tmp_path / "dense"), method="svd", ratio=0.4, allocation="uniform")
+    figures = run_compress(recipe, tmp_path / "small", with_eval=True, eval_windows=1)
+    stored = json.loads((tmp_path / "small" / "eval.json").read_text())
+    assert stored["perplexity"] == figures["compressed"]["perplexity"]
+    assert stored["dense_perplexity"] == figures["dense"]["perplexity"]
+    assert stored["windows"] == 1 and set(stored["perplexity"]) == {"bbc", "wiki"}
+    index = run_report([tmp_path / "small"], tmp_path / "r")
+    assert "quality.png" in assert_complete(tmp_path / "r")
+    assert f"{stored['perplexity']['bbc']:.2f}" in index.read_text()
