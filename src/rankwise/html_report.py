@@ -163,59 +163,69 @@ class Picture:
 
 
 def pictures(runs: list[Run], others: list[dict], layers: list[str] | None) -> list[Picture]:
-    result = [
-        Picture(
-            "rank_kept.png",
-            "Rank kept per layer",
-            "Share of each targeted layer's parameters kept, rank x (out + in) / (out x in), "
-            "from config.json's rankwise block; 100 = left dense.",
-            plots.rank_kept_figure({run.label: run.kept() for run in runs}),
-        )
-    ]
+    """Every picture the data allows: rank kept and size always, spectra where factors are
+    stored, quality where something was measured."""
+    kept = Picture(
+        "rank_kept.png",
+        "Rank kept per layer",
+        "Share of each targeted layer's parameters kept, rank x (out + in) / (out x in), "
+        "from config.json's rankwise block; 100 = left dense.",
+        plots.rank_kept_figure({run.label: run.kept() for run in runs}),
+    )
+    chosen = [spectra_picture(runs, layers), quality_picture(runs, others)]
+    return [kept] + [pic for pic in chosen if pic is not None] + [size_picture(runs)]
+
+
+def spectra_layers(runs: list[Run], layers: list[str] | None) -> list[str]:
     known = {name for run in runs for name in run.targets}
     unknown = [layer for layer in layers or [] if layer not in known]
     if unknown:
         raise RankwiseError(
             f"report: no layer {unknown[0]} in the directories (see rankwise inspect)"
         )
-    if not layers:  # the first run's telling layers, and a few of any run that has none of them
-        layers = select_layers(runs[0])
-        for run in runs[1:]:
-            layers += [] if set(layers) & set(run.targets) else select_layers(run, 2)
+    if layers:
+        return layers
+    chosen = select_layers(runs[0])  # and a few of any run that has none of the first's
+    for run in runs[1:]:
+        chosen += [] if set(chosen) & set(run.targets) else select_layers(run, 2)
+    return chosen
+
+
+def spectra_picture(runs: list[Run], layers: list[str] | None) -> Picture | None:
+    layers = spectra_layers(runs, layers)
     spectra = {run.label: run_spectra(run, layers) for run in runs}
     by_layer = {
         layer: {label: s[layer] for label, s in spectra.items() if layer in s} for layer in layers
     }
     by_layer = {layer: values for layer, values in by_layer.items() if values}
-    if by_layer:
-        dense = dense_spectra(runs, list(by_layer))
-        source = "and of the dense source model's weight" if dense else "(dense weights not found)"
-        result.append(
-            Picture(
-                "spectra.png",
-                "Singular-value spectra",
-                f"Singular values of the stored factors' product left @ right {source}. "
-                "Layers: the first, the most and least compressed and the last of "
-                f"{runs[0].label} (unless --layers chose them).",
-                plots.spectra_figure(by_layer, dense),
-            )
-        )
+    if not by_layer:
+        return None
+    dense = dense_spectra(runs, list(by_layer))
+    source = "and of the dense source model's weight" if dense else "(dense weights not found)"
+    return Picture(
+        "spectra.png",
+        "Singular-value spectra",
+        f"Singular values of the stored factors' product left @ right {source}. "
+        "Layers: the first, the most and least compressed and the last of "
+        f"{runs[0].label} (unless --layers chose them).",
+        plots.spectra_figure(by_layer, dense),
+    )
+
+
+def quality_picture(runs: list[Run], others: list[dict]) -> Picture | None:
     points = quality_points(runs, others)
     streams, tasks = metrics_of(points)
-    if streams or tasks:
-        result.append(
-            Picture(
-                "quality.png",
-                "Quality against ratio",
-                "Perplexity per evaluation stream and accuracy per task (stored by rankwise eval "
-                "/ compress --eval, or from --figures files) against the targeted parameters "
-                "removed. Points with different window counts are in different groups: compare "
-                "within one.",
-                plots.quality_figure(points, streams, tasks),
-            )
-        )
-    result.append(size_picture(runs))
-    return result
+    if not streams and not tasks:
+        return None
+    return Picture(
+        "quality.png",
+        "Quality against ratio",
+        "Perplexity per evaluation stream and accuracy per task (stored by rankwise eval "
+        "/ compress --eval, or from --figures files) against the targeted parameters "
+        "removed. Points with different window counts are in different groups: compare "
+        "within one.",
+        plots.quality_figure(points, streams, tasks),
+    )
 
 
 def size_picture(runs: list[Run]) -> Picture:
