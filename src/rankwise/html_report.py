@@ -206,8 +206,8 @@ def spectra_picture(runs: list[Run], layers: list[str] | None) -> Picture | None
         "spectra.png",
         "Singular-value spectra",
         f"Singular values of the stored factors' product left @ right {source}. "
-        "Layers: the first, the most and least compressed and the last of "
-        f"{runs[0].label} (unless --layers chose them).",
+        "Layers (unless --layers chose them): up to four of the first, the most compressed, the "
+        f"median, the least compressed and the last layer of {runs[0].label}.",
         plots.spectra_figure(by_layer, dense),
     )
 
@@ -240,7 +240,7 @@ def size_picture(runs: list[Run]) -> Picture:
         "Parameters and bytes",
         "Whole-model parameters (embeddings and head included, tied weights once) and bytes of "
         "the safetensors files; the dense bytes are its fp32 size, 4 bytes per parameter.",
-        plots.size_figure(labels, params, sizes),
+        plots.size_figure(labels, params, sizes, reference=0 if dense else None),
     )
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator, NullFormatter
 
 # `model.layers.12.self_attn.q_proj` -> block `model.layers.12`, kind `self_attn.q_proj`
 _BLOCK = re.compile(r"^(?P<block>.*?\.\d+)\.(?P<kind>.+)$")
@@ -43,6 +43,8 @@ def _plain_log_labels(ax: object) -> None:
     if high / low < 12:
         ax.yaxis.set_major_locator(MaxNLocator(6))
         ax.yaxis.set_minor_formatter(NullFormatter())
+    else:  # matplotlib's choice of minor labels (none past a decade or so), as plain numbers
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
 
 
@@ -125,7 +127,7 @@ def spectra_figure(
         _plain_log_labels(ax)
         ax.set_title(layer, fontsize=9)
         ax.set_xlabel("index of singular value")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
         ax.set_ylabel("singular value")
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7)
@@ -183,8 +185,11 @@ def quality_figure(points: list[QualityPoint], streams: list[str], tasks: list[s
     return figure
 
 
-def size_figure(labels: list[str], params: list[int], sizes: list[int]) -> Figure:
-    """Parameters (millions) and bytes on disk (MB) per model, as horizontal bars."""
+def size_figure(
+    labels: list[str], params: list[int], sizes: list[int], reference: int | None = None
+) -> Figure:
+    """Parameters and bytes on disk per model, as horizontal bars; with `reference` (the dense
+    model's index) each bar also says its share of that one."""
     figure = _figure(10.0, 1.4 + 0.45 * len(labels))
     axes = figure.subplots(1, 2, sharey=True)
     counts, count_unit = _scaled([float(p) for p in params], ("", "thousand", "million", "billion"))
@@ -195,9 +200,14 @@ def size_figure(labels: list[str], params: list[int], sizes: list[int]) -> Figur
     )
     for ax, values, title in panels:
         bars = ax.barh(range(len(labels)), values, color=[f"C{i % 10}" for i in range(len(labels))])
-        ax.bar_label(bars, [f"{v:.3g}" for v in values], padding=3, fontsize=8)
+        texts = [f"{v:.4g}" for v in values]
+        if reference is not None:
+            texts = [
+                f"{t} ({v / values[reference]:.0%})" for t, v in zip(texts, values, strict=True)
+            ]
+        ax.bar_label(bars, texts, padding=3, fontsize=8)
         ax.set_xlabel(title)
-        ax.set_xlim(0, max(values) * 1.2)
+        ax.set_xlim(0, max(values) * 1.3)
         ax.grid(True, axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
     axes[0].invert_yaxis()

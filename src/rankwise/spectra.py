@@ -29,12 +29,13 @@ def factor_spectrum(left: torch.Tensor, right: torch.Tensor) -> np.ndarray:
 
 
 def select_layers(run: Run, count: int = SPECTRA_LAYERS) -> list[str]:
-    """A few telling layers: the first, the most and least compressed, the last."""
+    """A few telling layers: the first, the most compressed, the median, the least, the last."""
     kept = {n: f for n, f in run.kept().items() if run.targets[n].get("rank") is not None}
     if not kept:
         return []
     names = list(kept)
-    chosen = [names[0], min(kept, key=kept.get), max(kept, key=kept.get), names[-1]]
+    ordered = sorted(kept, key=kept.get)  # most compressed first
+    chosen = [names[0], ordered[0], ordered[len(ordered) // 2], ordered[-1], names[-1]]
     return list(dict.fromkeys(chosen))[:count]
 
 
