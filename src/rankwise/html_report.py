@@ -278,6 +278,7 @@ def summary_html(runs: list[Run], streams: list[str], tasks: list[str]) -> str:
         ]
         + [f"ppl {s}" for s in streams]
         + [f"acc {t}" for t in tasks]
+        + (["perplexity"] if not streams and not tasks else [])
         + ["windows"]
     )
     lines = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
@@ -285,6 +286,7 @@ def summary_html(runs: list[Run], streams: list[str], tasks: list[str]) -> str:
         ppl, acc = run.figures.get("perplexity") or {}, run.figures.get("accuracy") or {}
         measured = [fmt_ppl(ppl[s]) if s in ppl else "not measured" for s in streams]
         measured += [_pct(acc[t]) if t in acc else "not measured" for t in tasks]
+        measured += ["not measured"] if not streams and not tasks else []
         cells = [
             run.block.get("method", "?"),
             run.block.get("allocation", "-"),
