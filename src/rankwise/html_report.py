@@ -129,17 +129,22 @@ def quality_points(runs: list[Run], others: list[dict]) -> list[plots.QualityPoi
             group += f", {windows} windows" if windows else ""
             ratio = float(run.block.get("targeted_ratio") or 0.0)
             points.append(point(run.label, group, ratio, run.figures))
-    dense = next(
-        (r.figures["dense_perplexity"] for r in runs if r.figures.get("dense_perplexity")), None
-    )
-    if dense and not any(float(row.get("targeted_ratio") or 0) == 0 for row in others):
-        others = [{"name": "dense", "perplexity": dense}] + others
-    for row in others:
+    for row in with_dense(runs, others):
         ratio = float(row.get("targeted_ratio") or 0.0)
         label = Path(str(row.get("name", "?"))).name or str(row.get("name"))
         group = "reference" if ratio == 0 else row.get("group") or "figures files"
         points.append(point(label, group, ratio, row))
     return points
+
+
+def with_dense(runs: list[Run], others: list[dict]) -> list[dict]:
+    """The other rows, plus the dense perplexity `compress --eval` stored when none is given."""
+    dense = next(
+        (r.figures["dense_perplexity"] for r in runs if r.figures.get("dense_perplexity")), None
+    )
+    if dense and not any(float(row.get("targeted_ratio") or 0) == 0 for row in others):
+        return [{"name": "dense", "perplexity": dense}] + others
+    return others
 
 
 def point(label: str, group: str, ratio: float, figures: dict) -> plots.QualityPoint:
@@ -251,7 +256,7 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; 
        padding: 0 1em; line-height: 1.45; }
 h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.25em; margin-top: 1.8em; }
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; white-space: nowrap; }
 th { background: #f1f3f5; } td.name, th.name { text-align: left; }
 tr:nth-child(even) td { background: #fafafa; }
 figure { margin: 1em 0 2em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
@@ -264,29 +269,28 @@ def _pct(value: object) -> str:
     return "-" if value is None else f"{float(value):.1%}"
 
 
-def summary_html(runs: list[Run], streams: list[str], tasks: list[str]) -> str:
-    head = (
-        [
-            "directory",
-            "method",
-            "allocation",
-            "requested",
-            "targeted removed",
-            "model removed",
-            "params",
-            "bytes",
-        ]
-        + [f"ppl {s}" for s in streams]
-        + [f"acc {t}" for t in tasks]
-        + (["perplexity"] if not streams and not tasks else [])
-        + ["windows"]
-    )
-    lines = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+def _row(label: str, title: str, cells: list[object]) -> str:
+    name = f'<td class="name" title="{html.escape(title)}">{html.escape(label)}</td>'
+    return f"<tr>{name}" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
+
+
+def _measured(figures: dict, streams: list[str], tasks: list[str]) -> list[str]:
+    ppl, acc = figures.get("perplexity") or {}, figures.get("accuracy") or {}
+    cells = [fmt_ppl(ppl[s]) if s in ppl else "not measured" for s in streams]
+    cells += [_pct(acc[t]) if t in acc else "not measured" for t in tasks]
+    cells += ["not measured"] if not streams and not tasks else []
+    return cells + [str(figures.get("windows", "-"))]
+
+
+def summary_html(
+    runs: list[Run], references: list[dict], streams: list[str], tasks: list[str]
+) -> str:
+    """One row per directory, then the reference (dense) figures the user gave."""
+    head = ["directory", "method", "allocation", "requested", "targeted removed"]
+    head += ["model removed", "params", "bytes"] + [f"ppl {s}" for s in streams]
+    head += [f"acc {t}" for t in tasks] + ["perplexity"] * (not streams and not tasks)
+    lines = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head + ["windows"])]
     for run in runs:
-        ppl, acc = run.figures.get("perplexity") or {}, run.figures.get("accuracy") or {}
-        measured = [fmt_ppl(ppl[s]) if s in ppl else "not measured" for s in streams]
-        measured += [_pct(acc[t]) if t in acc else "not measured" for t in tasks]
-        measured += ["not measured"] if not streams and not tasks else []
         cells = [
             run.block.get("method", "?"),
             run.block.get("allocation", "-"),
@@ -295,15 +299,16 @@ def summary_html(runs: list[Run], streams: list[str], tasks: list[str]) -> str:
             _pct(run.block.get("model_ratio")),
             f"{int(run.block.get('model_params_after') or 0):,}",
             human_bytes(run.bytes),
-            *measured,
-            str(run.figures.get("windows", "-")),
         ]
-        name = f'<td class="name" title="{html.escape(str(run.directory))}">'
         lines.append(
-            f"<tr>{name}{html.escape(run.label)}</td>"
-            + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells)
-            + "</tr>"
+            _row(run.label, str(run.directory), cells + _measured(run.figures, streams, tasks))
         )
+    for row in references:
+        params, size = row.get("params"), row.get("bytes")
+        cells = ["dense", "-", "-", "-", "-", f"{params:,}" if params else "-"]
+        cells += [human_bytes(size) if size else "-"]
+        label = str(row.get("name", "reference"))
+        lines.append(_row(label, label, cells + _measured(row, streams, tasks)))
     return "\n".join(lines) + "</table>"
 
 
@@ -330,7 +335,9 @@ def layers_html(run: Run) -> str:
     )
 
 
-def page_html(runs: list[Run], pics: list[Picture], metrics: tuple[list[str], list[str]]) -> str:
+def page_html(
+    runs: list[Run], references: list[dict], pics: list[Picture], metrics: tuple[list, list]
+) -> str:
     unmeasured = [run.label for run in runs if not run.measured]
     note = (
         f'<p class="muted">Nothing measured for {html.escape(", ".join(unmeasured))}: '
@@ -353,7 +360,7 @@ def page_html(runs: list[Run], pics: list[Picture], metrics: tuple[list[str], li
 Ratios: <b>requested</b> and <b>targeted removed</b> count the targeted layers' weights,
 <b>model removed</b> the whole model's parameters.</p>
 <h2>Summary</h2>
-{summary_html(runs, *metrics)}
+{summary_html(runs, references, *metrics)}
 {note}
 {figures}
 <h2>Layers</h2>
@@ -371,5 +378,6 @@ def write_report(
     with atomic_directory(out) as tmp:
         for pic in pics:
             pic.figure.savefig(tmp / pic.file)
-        (tmp / "index.html").write_text(page_html(runs, pics, metrics))
+        references = [row for row in with_dense(runs, others) if not row.get("targeted_ratio")]
+        (tmp / "index.html").write_text(page_html(runs, references, pics, metrics))
     return out / "index.html"

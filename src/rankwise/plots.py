@@ -41,7 +41,7 @@ def _plain_log_labels(ax: object) -> None:
     locator would leave one or two ticks: evenly spaced round numbers read better there."""
     low, high = ax.get_ylim()
     if high / low < 12:
-        ax.yaxis.set_major_locator(MaxNLocator(6))
+        ax.yaxis.set_major_locator(MaxNLocator(8, steps=[1, 2, 2.5, 5, 10]))
         ax.yaxis.set_minor_formatter(NullFormatter())
     else:  # matplotlib's choice of minor labels (none past a decade or so), as plain numbers
         ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
@@ -160,16 +160,16 @@ def quality_figure(points: list[QualityPoint], streams: list[str], tasks: list[s
                 )
         for point in (p for p in measured if p.ratio == 0):
             value = getattr(point, kind)[name]
-            ax.axhline(value, ls="--", color="0.4", lw=1)
+            ax.axhline(value, ls="--", color="0.5", lw=1)
+            ax.plot([0], [value], "s", color="0.3")
             ax.annotate(
                 f"{point.label} {value:.3g}",
                 (0, value),
-                xytext=(4, 4),
+                xytext=(5, 5),
                 fontsize=7,
-                xycoords=("axes fraction", "data"),
                 textcoords="offset points",
             )
-        ax.margins(x=0.15, y=0.12)
+        ax.margins(x=0.1, y=0.12)
         if kind == "perplexity":
             ax.set_yscale("log")
             _plain_log_labels(ax)
@@ -200,7 +200,7 @@ def size_figure(
     )
     for ax, values, title in panels:
         bars = ax.barh(range(len(labels)), values, color=[f"C{i % 10}" for i in range(len(labels))])
-        texts = [f"{v:.4g}" for v in values]
+        texts = [f"{v:.1f}" for v in values]
         if reference is not None:
             texts = [
                 f"{t} ({v / values[reference]:.0%})" for t, v in zip(texts, values, strict=True)
