@@ -227,3 +227,16 @@ def test_compress_eval_stores_figures_for_the_report(tmp_path: Path) -> None:
     index = run_report([tmp_path / "small"], tmp_path / "r")
     assert "quality.png" in assert_complete(tmp_path / "r")
     assert f"{stored['perplexity']['bbc']:.2f}" in index.read_text()
+
+
+def test_eval_windows_measures_without_writing_into_the_directory(tmp_path: Path) -> None:
+    from conftest import word_tokenizer
+
+    model = make_model("llama", max_position_embeddings=600)
+    result = rankwise.compress(model, Recipe(method="svd", ratio=0.4, allocation="uniform"))
+    small = Path(rankwise.save(result, str(tmp_path / "small"), tokenizer=word_tokenizer()))
+    before = sorted(p.name for p in small.iterdir())
+    index = run_report([small], tmp_path / "r", eval_windows=1)
+    assert sorted(p.name for p in small.iterdir()) == before  # the input is left as it was
+    assert "quality.png" in assert_complete(tmp_path / "r")
+    assert "ppl bbc" in index.read_text() and "not measured" not in index.read_text()
