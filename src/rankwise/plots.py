@@ -94,13 +94,20 @@ def rank_kept_figure(runs: dict[str, dict[str, float]]) -> Figure:
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
         ax.set_title(label, fontsize=10)
         ax.set_xticks(range(len(kinds)), _short_kinds(kinds), rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(blocks)), [b.rsplit(".", 1)[-1] for b in blocks], fontsize=7)
+        ticks = [b.rsplit(".", 1)[-1] if b[-1].isdigit() else b for b in blocks]  # index or name
+        ax.set_yticks(range(len(blocks)), ticks, fontsize=7)
         ax.set_xlabel("layer")
         for (row, col), value in np.ndenumerate(grid):
             if not math.isnan(value):
                 color = "black" if value > 0.6 else "white"
                 ax.text(
-                    col, row, f"{value:.0%}"[:-1], ha="center", va="center", fontsize=6, color=color
+                    col,
+                    row,
+                    f"{100 * value:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color=color,
                 )
     common = {b.rsplit(".", 1)[0] for blocks, _, _ in layouts.values() for b in blocks}
     axes[0].set_ylabel(f"block ({common.pop()}.N)" if len(common) == 1 else "block")

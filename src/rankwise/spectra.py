@@ -45,10 +45,8 @@ def run_spectra(run: Run, layers: list[str]) -> dict[str, np.ndarray]:
         keys = set(weights.keys())
         for layer in layers:
             if f"{layer}.left" in keys and f"{layer}.right" in keys:
-                left, right = (
-                    weights.get_tensor(f"{layer}.left"),
-                    weights.get_tensor(f"{layer}.right"),
-                )
+                left = weights.get_tensor(f"{layer}.left")  # (out, rank)
+                right = weights.get_tensor(f"{layer}.right")  # (rank, in)
                 spectra[layer] = factor_spectrum(left, right)
     return spectra
 
@@ -79,8 +77,6 @@ def dense_spectra(runs: list[Run], layers: list[str]) -> dict[str, np.ndarray]:
             shape = tuple(weights.get_slice(f"{layer}.weight").get_shape())
             if sorted(shape) != sorted((int(target["out"]), int(target["in"]))):
                 continue
-            weight = weights.get_tensor(
-                f"{layer}.weight"
-            ).double()  # (out, in) or GPT-2's (in, out)
-            spectra[layer] = torch.linalg.svdvals(weight).numpy()
+            weight = weights.get_tensor(f"{layer}.weight")  # (out, in), GPT-2's (in, out)
+            spectra[layer] = torch.linalg.svdvals(weight.double()).numpy()
     return spectra
