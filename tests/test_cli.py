@@ -181,6 +181,7 @@ def test_compress_and_eval_a_tiny_directory(tmp_path: Path) -> None:
     assert row["targeted_ratio"] == pytest.approx(figures["compressed"]["targeted_ratio"])
     ppl = row["perplexity"]["eval.txt"]
     assert 1.0 < ppl < float("inf")
+    assert json.loads((tmp_path / "small" / "eval.json").read_text()) == row  # for the report
     ids = loaded.tokenizer(word_text(600, seed=2))["input_ids"][:512]
     logits = model_output(loaded.model, torch.tensor([ids]))
     nll = torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor(ids[1:]))

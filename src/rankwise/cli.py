@@ -1,4 +1,4 @@
-"""The `rankwise` command: compress, eval, inspect.
+"""The `rankwise` command: compress, eval, inspect, report.
 
 Every flag maps onto a Recipe field; `--recipe r.yaml` loads one and flags override it.
 User mistakes print one line `error: ...` and exit 2, with nothing written.
@@ -94,11 +94,14 @@ def eval_cmd(
         "bbc,wiki"
     ),
     json_out: Annotated[Path | None, typer.Option("--json", help="write figures as JSON")] = None,
+    store: Annotated[
+        bool, typer.Option("--store/--no-store", help="keep figures in DIR/eval.json")
+    ] = True,
 ) -> None:
     """Perplexity on the protocol's streams, parameter count and bytes."""
     from rankwise.commands import run_eval
 
-    figures = run_eval(model, _split(streams) or [], windows)
+    figures = run_eval(model, _split(streams) or [], windows, store)
     if json_out:
         json_out.write_text(json.dumps(figures, indent=2))
 
@@ -163,6 +166,25 @@ def inspect_cmd(
     from rankwise.commands import run_inspect
 
     run_inspect(directory)
+
+
+@app.command("report")
+def report_cmd(
+    directories: Annotated[list[Path], typer.Argument(help="compressed model directories")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="report directory (index.html)")],
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
+    figures: Annotated[
+        list[Path] | None, typer.Option("--figures", help="JSON from eval/compress --json")
+    ] = None,
+    eval_windows: Annotated[
+        int, typer.Option(help="measure perplexity where none is stored (0: do not)")
+    ] = 0,
+    layers: Annotated[str | None, typer.Option(help="comma-separated layers for spectra")] = None,
+) -> None:
+    """An HTML page with plots comparing compressed directories, readable offline."""
+    from rankwise.commands import run_report
+
+    run_report(directories, out, overwrite, figures, eval_windows, _split(layers))
 
 
 def main() -> None:

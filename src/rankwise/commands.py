@@ -10,10 +10,17 @@ from pathlib import Path
 from rich.console import Console
 
 from rankwise import data, evaluate
+from rankwise.atomic import atomic_write_text
 from rankwise.checkpoint import Checkpoints
 from rankwise.compress import compress, count_parameters
 from rankwise.errors import ModelNotFoundError, RankwiseError
-from rankwise.io import check_output, directory_bytes, is_compressed_dir, save_compressed
+from rankwise.io import (
+    EVAL_FILE,
+    check_output,
+    directory_bytes,
+    is_compressed_dir,
+    save_compressed,
+)
 from rankwise.models import BUNDLED, Loaded, cache_dir, load_model
 from rankwise.progress import RichReporter
 from rankwise.recipe import Recipe
@@ -146,10 +153,21 @@ def run_compress(
         summary_table([figures["dense"], figures["compressed"]], streams if with_eval else [])
     )
     console.print(f"saved to {saved}")
+    if with_eval:
+        stored = {**figures["compressed"], "name": saved, "windows": eval_windows}
+        store_eval(Path(saved), {**stored, "dense_perplexity": dense_ppl}, reporter)
     return figures
 
 
-def run_eval(spec: str, streams: list[str], windows: int) -> dict[str, object]:
+def store_eval(directory: Path, row: dict[str, object], reporter: RichReporter) -> None:
+    """Keep the figures next to the model (DIR/eval.json) so `rankwise report` finds them."""
+    try:
+        atomic_write_text(directory / EVAL_FILE, json.dumps(row, indent=2))
+    except OSError as err:
+        reporter.log(f"could not store {directory / EVAL_FILE}: {err}")
+
+
+def run_eval(spec: str, streams: list[str], windows: int, store: bool = True) -> dict[str, object]:
     reporter = RichReporter()
     with reporter.task(f"loading {spec}") as advance:
         loaded = load_model(spec)
@@ -158,11 +176,13 @@ def run_eval(spec: str, streams: list[str], windows: int) -> dict[str, object]:
     path = Path(spec)
     on_disk = directory_bytes(path) if path.is_dir() else _bytes_fp32(params)
     ppl = measure_perplexity(loaded, eval_token_windows(loaded, streams, windows), reporter)
-    row = {"name": spec, "params": params, "bytes": on_disk, "perplexity": ppl}
+    row = {"name": spec, "params": params, "bytes": on_disk, "perplexity": ppl, "windows": windows}
     if path.is_dir() and is_compressed_dir(path):
         block = json.loads((path / "config.json").read_text())["rankwise"]
         row["targeted_ratio"] = block.get("targeted_ratio")
         row["model_ratio"] = block.get("model_ratio")
+        if store:
+            store_eval(path, row, reporter)
     console.print(summary_table([row], streams))
     return row
 
@@ -303,3 +323,26 @@ def run_truncate(
         f"saved to {saved}"
     )
     return info
+
+
+def run_report(
+    directories: list[Path],
+    out: Path,
+    overwrite: bool = False,
+    figure_files: list[Path] | None = None,
+    eval_windows: int = 0,
+    layers: list[str] | None = None,
+) -> Path:
+    """Check inputs, measure what was asked (never storing into the inputs), write the page."""
+    from rankwise import html_report
+
+    out = check_output(out, overwrite)
+    runs = html_report.read_runs(directories)
+    others = html_report.attach_figures(runs, html_report.read_figure_files(figure_files or []))
+    for run in runs:
+        if eval_windows > 0 and not run.figures.get("perplexity"):
+            row = run_eval(str(run.directory), list(data.EVAL_STREAMS), eval_windows, store=False)
+            run.figures = row
+    index = html_report.write_report(runs, out, others, layers)
+    console.print(f"report written to {index}")
+    return index

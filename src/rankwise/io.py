@@ -24,6 +24,7 @@ from rankwise.models import Loaded, load_tokenizer, model_class_for, set_module
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+EVAL_FILE = "eval.json"  # figures `rankwise eval DIR` stores next to the model, for the report
 
 
 def check_output(out: str | Path, overwrite: bool) -> Path:
