@@ -10,10 +10,10 @@ import torch
 from conftest import clone, make_model, make_windows, model_output
 
 import rankwise
-from rankwise.commands import run_truncate
 from rankwise.errors import RatioError
 from rankwise.layers import LowRankLinear
 from rankwise.recipe import Recipe, RecoverConfig
+from rankwise.recovery import run_truncate
 from rankwise.truncate import product_svd, truncate_factors
 
 

@@ -129,7 +129,7 @@ def recover_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the loss log")] = None,
 ) -> None:
     """Distil the source model into DIRECTORY's factors and write the result to --out."""
-    from rankwise.commands import run_recover
+    from rankwise.recovery import run_recover
 
     settings = {
         "steps": steps,
@@ -153,7 +153,7 @@ def truncate_cmd(
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
 ) -> None:
     """Re-factorize every factor pair to a lower rank (same shape of allocation)."""
-    from rankwise.commands import run_truncate
+    from rankwise.recovery import run_truncate
 
     run_truncate(directory, out, ratio, overwrite)
 
