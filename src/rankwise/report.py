@@ -55,6 +55,7 @@ def layer_table(layers: dict[str, dict[str, object]]) -> Table:
     for name, layer in layers.items():
         out_f, in_f, rank = int(layer["out"]), int(layer["in"]), layer.get("rank")
         kept_params = out_f * in_f if rank is None else int(rank) * (out_f + in_f)
+        kept_params = int(layer.get("kept_params") or kept_params)  # sparse: values + indices
         dense_total, kept_total = dense_total + out_f * in_f, kept_total + kept_params
         error, loss = layer.get("rel_error"), layer.get("est_loss")
         loss_total += float(loss or 0.0)
