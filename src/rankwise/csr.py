@@ -48,10 +48,15 @@ def max_nnz(params: float, out_features: int, in_features: int) -> int:
     """The most nonzeros whose CSR fits in `params` parameter-equivalents (0 if none fits)."""
     per_entry = (VALUE_BYTES + index_bytes(in_features)) / VALUE_BYTES
     fixed = (out_features + 1) * POINTER_BYTES / VALUE_BYTES
-    nnz = max(0, int((params - fixed - 1) / per_entry))
+    nnz = min(max(0, int((params - fixed) / per_entry)), out_features * in_features)
     while nnz > 0 and csr_params(nnz, out_features, in_features) > params:
         nnz -= 1
-    return min(nnz, out_features * in_features)
+    while (
+        nnz < out_features * in_features
+        and csr_params(nnz + 1, out_features, in_features) <= params
+    ):
+        nnz += 1
+    return nnz
 
 
 @dataclass
