@@ -30,8 +30,8 @@ class LayerStats:
 @dataclass
 class MethodOptions:
     eig_floor: float = 1e-6  # relative floor on the gram's eigenvalues (whiten)
-    # sparse: shares of the layer's budget tried for nonzeros, and refinement rounds
-    sparse_fractions: tuple[float, ...] = (0.0, 0.1, 0.2, 0.35)
+    # sparse: shares of the layer's budget tried for nonzeros (besides none), refinement rounds
+    sparse_fractions: tuple[float, ...] = (0.03, 0.06, 0.1, 0.2, 0.35, 0.5)
     sparse_rounds: int = 1
 
 

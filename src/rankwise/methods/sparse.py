@@ -32,6 +32,7 @@ from rankwise.methods.whiten import Whiten
 # (~110 bytes each), so a sparse model's file is no larger than the pure low-rank one.
 HEADER_PARAMS = 96
 SOLVE_ELEMENTS = 1 << 22  # padded (rows, k, k) block per batched least-squares solve
+SEARCH_PATIENCE = 3  # larger sparse shares tried after the last improvement
 
 
 @dataclass
@@ -218,6 +219,33 @@ class Sparse(Whiten):
             self._metric = (gram, eig_floor, Metric.from_basis(gram, eigvecs, roots))
         return self._metric[2]
 
+    @staticmethod
+    def choose_split(
+        w: torch.Tensor,
+        weight_gram: torch.Tensor,
+        svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        metric: Metric,
+        rank: int,
+        options: MethodOptions,
+    ) -> Fit:
+        """The split with the lowest measured error, searched upwards from pure low rank: each
+        larger sparse share is fitted exactly and the search stops after `SEARCH_PATIENCE`
+        shares in a row that do not improve (the error is near unimodal in the share; a cheap
+        single-entry estimate was tried first and overrated large shares)."""
+        best = with_sparse(w, weight_gram, *low_rank_from_svd(*svd, rank, metric), metric, 0)
+        misses = 0
+        for fraction in sorted(options.sparse_fractions):
+            split = split_budget(rank, *w.shape, fraction)
+            if split is None or split[1] == 0:
+                continue
+            left, right = low_rank_from_svd(*svd, split[0], metric)
+            fit = with_sparse(w, weight_gram, left, right, metric, split[1])
+            misses = 0 if fit.error < best.error else misses + 1
+            best = fit if fit.error < best.error else best
+            if misses == SEARCH_PATIENCE:
+                break
+        return best
+
     def factorize(
         self, weight: torch.Tensor, stats: LayerStats, rank: int, options: MethodOptions
     ) -> Factors:
@@ -227,15 +255,7 @@ class Sparse(Whiten):
         weight_gram = w @ metric.gram  # (out, in): W G
         total = float((w * weight_gram).sum())
         u, s, vh = torch.linalg.svd(metric.white(w).float(), full_matrices=False)
-        splits = [split_budget(rank, out_f, in_f, f) for f in options.sparse_fractions]
-        splits = [split for split in splits if split is not None] or [(rank, 0)]
-        scored = []
-        for low, nnz in splits:
-            left, right = low_rank_from_svd(u, s, vh, low, metric)
-            scored.append((estimated_error(w, weight_gram, left, right, metric, nnz), low, nnz))
-        _, low, nnz = min(scored)
-        left, right = low_rank_from_svd(u, s, vh, low, metric)
-        best = with_sparse(w, weight_gram, left, right, metric, nnz)
+        best = self.choose_split(w, weight_gram, (u, s, vh), metric, rank, options)
         best, history = refine(w, weight_gram, best, metric, options.sparse_rounds)
         rel = [max(e, 0.0) ** 0.5 / max(total, 1e-300) ** 0.5 for e in history]
         dtype = weight.dtype
