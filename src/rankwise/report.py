@@ -42,6 +42,13 @@ def summary_table(rows: list[dict[str, object]], streams: list[str]) -> Table:
     return table
 
 
+def rank_text(rank: object, nnz: object) -> str:
+    """'dense', the rank, or the rank and the sparse residual's nonzeros ('96 +3391 nz')."""
+    if rank is None:
+        return "dense"
+    return f"{rank} +{nnz} nz" if nnz else str(rank)
+
+
 def layer_table(layers: dict[str, dict[str, object]]) -> Table:
     """Per-layer: name, shape, rank, kept %, relative error in the method's metric, and (for
     importance allocation) the estimated loss increase; then the totals."""
@@ -62,7 +69,7 @@ def layer_table(layers: dict[str, dict[str, object]]) -> Table:
         row = [
             name,
             f"{out_f}x{in_f}",
-            "dense" if rank is None else str(rank),
+            rank_text(rank, layer.get("nnz")),
             f"{kept_params / (out_f * in_f):.1%}",
             "-" if error is None else f"{float(error):.4f}",
         ] + (["-" if loss is None else f"{float(loss):.3g}"] * estimated)
