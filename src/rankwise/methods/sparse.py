@@ -158,27 +158,13 @@ def with_sparse(
     return Fit(left, right, sparse, error - reduction)
 
 
-def estimated_error(
+def refine(
     weight: torch.Tensor,
     weight_gram: torch.Tensor,
-    left: torch.Tensor,
-    right: torch.Tensor,
+    white: torch.Tensor,
+    fit: Fit,
     metric: Metric,
-    nnz: int,
-) -> float:
-    """Error of L plus the best `nnz` entries each fitted alone (no row solves): ranks the
-    candidate splits at a fraction of the cost of fitting each one."""
-    residual = weight - left @ right  # (out, in)
-    residual_gram = weight_gram - left @ (right @ metric.gram)  # (out, in): R G
-    error = float((residual * residual_gram).sum())
-    if nnz == 0:
-        return error
-    saliency = residual_gram.square() / metric.gram.diagonal()  # (out, in)
-    return error - float(torch.topk(saliency.flatten(), nnz, sorted=False).values.sum())
-
-
-def refine(
-    weight: torch.Tensor, weight_gram: torch.Tensor, fit: Fit, metric: Metric, rounds: int
+    rounds: int,
 ) -> tuple[Fit, list[float]]:
     """Alternate L = best rank-r' of W - S, S = sparse fit of W - L; keep only improving rounds."""
     history = [fit.error]
@@ -189,8 +175,8 @@ def refine(
         matrix = torch_csr(
             fit.sparse.crow_indices, fit.sparse.col_indices, fit.sparse.values, fit.sparse.shape
         )
-        white = metric.white(weight) - torch.sparse.mm(matrix, metric.eigvecs) * metric.roots
-        u, s, vh = torch.linalg.svd(white.float(), full_matrices=False)  # (out,k) (k,) (k,in)
+        target = white - torch.sparse.mm(matrix, metric.eigvecs) * metric.roots  # (W - S) white
+        u, s, vh = torch.linalg.svd(target.float(), full_matrices=False)  # (out,k) (k,) (k,in)
         left, right = low_rank_from_svd(u, s, vh, rank, metric)
         candidate = with_sparse(weight, weight_gram, left, right, metric, nnz)
         if not candidate.error < fit.error:
@@ -230,8 +216,8 @@ class Sparse(Whiten):
     ) -> Fit:
         """The split with the lowest measured error, searched upwards from pure low rank: each
         larger sparse share is fitted exactly and the search stops after `SEARCH_PATIENCE`
-        shares in a row that do not improve (the error is near unimodal in the share; a cheap
-        single-entry estimate was tried first and overrated large shares)."""
+        shares in a row that do not improve (the error is near unimodal in the share; ranking
+        the shares by a cheap single-entry estimate was tried first: it overrated large ones)."""
         best = with_sparse(w, weight_gram, *low_rank_from_svd(*svd, rank, metric), metric, 0)
         misses = 0
         for fraction in sorted(options.sparse_fractions):
@@ -250,13 +236,13 @@ class Sparse(Whiten):
         self, weight: torch.Tensor, stats: LayerStats, rank: int, options: MethodOptions
     ) -> Factors:
         metric = self.metric(stats, options.eig_floor)
-        out_f, in_f = weight.shape
         w = weight.double()  # (out, in)
         weight_gram = w @ metric.gram  # (out, in): W G
         total = float((w * weight_gram).sum())
-        u, s, vh = torch.linalg.svd(metric.white(w).float(), full_matrices=False)
+        white = metric.white(w)  # (out, in)
+        u, s, vh = torch.linalg.svd(white.float(), full_matrices=False)  # (out,k) (k,) (k,in)
         best = self.choose_split(w, weight_gram, (u, s, vh), metric, rank, options)
-        best, history = refine(w, weight_gram, best, metric, options.sparse_rounds)
+        best, history = refine(w, weight_gram, white, best, metric, options.sparse_rounds)
         rel = [max(e, 0.0) ** 0.5 / max(total, 1e-300) ** 0.5 for e in history]
         dtype = weight.dtype
         sparse = best.sparse
