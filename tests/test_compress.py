@@ -28,7 +28,7 @@ from rankwise.errors import RankwiseError
 from rankwise.layers import LowRankLinear
 from rankwise.recipe import LayerOverride, Recipe
 
-CASES = [(family, method) for family in FAMILIES for method in ("svd", "whiten")] + [
+CASES = [(family, method) for family in FAMILIES for method in ("svd", "whiten", "sparse")] + [
     (family, "fwsvd") for family in CAUSAL
 ]
 TARGETS_PER_BLOCK = {"llama": 7, "qwen2": 7, "gemma3": 7, "gpt2": 4, "bert": 6}

@@ -51,6 +51,8 @@ def save(
                 "rank": layer.rank,
                 "rel_error": layer.rel_error,
                 "est_loss": layer.est_loss,
+                "nnz": layer.nnz,
+                "kept_params": layer.kept_params,
             }
             for layer in result.layers
         ],

@@ -29,7 +29,7 @@ def _split(value: str | None) -> list[str] | None:
 def compress_cmd(
     model: Annotated[str, typer.Argument(help="'default', a HF directory or a .gguf file")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
-    method: Annotated[str | None, typer.Option(help="svd | fwsvd | whiten")] = None,
+    method: Annotated[str | None, typer.Option(help="svd | fwsvd | whiten | sparse")] = None,
     ratio: Annotated[float | None, typer.Option(help="fraction of targeted params removed")] = None,
     allocation: Annotated[str | None, typer.Option(help="uniform | importance")] = None,
     targets: Annotated[str | None, typer.Option(help="comma-separated regexes")] = None,

@@ -16,9 +16,10 @@ from rankwise import calibrate, importance
 from rankwise.allocate import LayerShape, allocate_uniform, targeted_params
 from rankwise.blockwise import in_one_block_list
 from rankwise.calibrate import Statistics
+from rankwise.csr import csr_params
 from rankwise.errors import NonFiniteWeightsError
 from rankwise.gather import gather_statistics, resolve_windows
-from rankwise.layers import LowRankLinear
+from rankwise.layers import LowRankLinear, SparseLowRankLinear
 from rankwise.methods import Factors, LayerStats, Method, MethodOptions, get_method
 from rankwise.models import as_linear, find_targets, linear_weight, set_module
 from rankwise.progress import Reporter, Timer
@@ -33,16 +34,20 @@ class LayerReport:
     rank: int | None  # None: kept dense
     rel_error: float  # sqrt(dropped / total energy) of the method's spectrum; 0 when dense
     est_loss: float | None = None  # importance allocation's estimated loss increase
+    nnz: int = 0  # nonzeros of a sparse residual (method sparse)
+
+    @property
+    def kept_params(self) -> int:
+        """Weight parameters kept; a sparse residual counts its values and indices (bytes / 4)."""
+        dense = self.out_features * self.in_features
+        if self.rank is None:
+            return dense
+        factors = self.rank * (self.out_features + self.in_features)
+        return factors + csr_params(self.nnz, self.out_features, self.in_features)
 
     @property
     def kept_fraction(self) -> float:
-        if self.rank is None:
-            return 1.0
-        return (
-            self.rank
-            * (self.out_features + self.in_features)
-            / (self.out_features * self.in_features)
-        )
+        return self.kept_params / (self.out_features * self.in_features)
 
 
 @dataclass
@@ -75,13 +80,17 @@ class Compressed:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Unique parameters: tied weights (embedding = LM head) are counted once."""
+    """Unique parameters: tied weights (embedding = LM head) are counted once; a sparse
+    residual's index buffers count as parameter-equivalents (bytes / 4)."""
     seen: set[int] = set()
     total = 0
     for param in model.parameters():
         if param.data_ptr() not in seen:
             seen.add(param.data_ptr())
             total += param.numel()
+    for module in model.modules():
+        if isinstance(module, SparseLowRankLinear):
+            total += module.index_params()
     return total
 
 
@@ -112,7 +121,11 @@ def factorize_layer(
     module = as_linear(model.get_submodule(name))
     factors = method.factorize(module.weight.detach(), stats, rank, options)
     bias = module.bias.detach() if module.bias is not None else None
-    set_module(model, name, LowRankLinear.from_factors(factors.left, factors.right, bias))
+    if factors.sparse is not None:
+        layer = SparseLowRankLinear.from_parts(factors.left, factors.right, factors.sparse, bias)
+    else:
+        layer = LowRankLinear.from_factors(factors.left, factors.right, bias)
+    set_module(model, name, layer)
     return factors
 
 
@@ -135,19 +148,25 @@ class LayerLoop:
 
     def __call__(self, shape: LayerShape, stats: LayerStats) -> None:
         rank = self.ranks[shape.name]
-        error = 0.0
+        error, nnz, rounds = 0.0, 0, ""
         if rank is not None:
             factors = factorize_layer(
                 self.model, shape.name, rank, self.method, stats, self.options
             )
-            error = relative_error(factors.spectrum, rank)
+            error = factors.rel_error
+            if error is None:
+                error = relative_error(factors.spectrum, rank)
+            rank = factors.left.shape[1]  # a sparse residual spends part of the rank's budget
+            nnz = factors.sparse.nnz if factors.sparse is not None else 0
+            if "history" in factors.extras:
+                rounds = "  by round " + " ".join(f"{e:.4f}" for e in factors.extras["history"])
         self.reports[shape.name] = LayerReport(
-            shape.name, shape.out_features, shape.in_features, rank, error
+            shape.name, shape.out_features, shape.in_features, rank, error, nnz=nnz
         )
-        kept = "dense" if rank is None else f"rank {rank:>4}"
+        kept = "dense" if rank is None else f"rank {rank:>4}" + (f" nnz {nnz}" if nnz else "")
         self.reporter.log(
             f"{shape.name:<40} {shape.out_features:>5}x{shape.in_features:<5} "
-            f"{kept}  rel.err {error:.4f}"
+            f"{kept}  rel.err {error:.4f}{rounds}"
         )
         self.advance(1)
 
@@ -193,14 +212,15 @@ def compress(
             for name in names:
                 loop(shapes[name], stats.layers[name])
 
-    dense, kept = targeted_params(list(shapes.values()), ranks)
+    reports = [loop.reports[n] for n in names]
+    dense, _ = targeted_params(list(shapes.values()), ranks)
+    kept = sum(report.kept_params for report in reports)  # sparse layers: values + indices
     reporter.log(
         f"targeted ratio: requested {recipe.ratio:.4f}, achieved {1 - kept / dense:.4f} "
         f"({recipe.allocation} allocation)"
     )
-    reports = [loop.reports[n] for n in names]
     for report in reports:
-        report.est_loss = plan.estimated_loss(report.name, report.rank)
+        report.est_loss = plan.estimated_loss(report.name, ranks[report.name])
     return Compressed(
         model, recipe, reports, params_before, count_parameters(model), dense, kept, timer.seconds
     )

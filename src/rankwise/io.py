@@ -19,7 +19,7 @@ from torch import nn
 
 from rankwise.atomic import atomic_directory
 from rankwise.errors import ModelNotFoundError, OutputExistsError, OutputNotWritableError
-from rankwise.layers import LowRankLinear
+from rankwise.layers import LowRankLinear, SparseLowRankLinear
 from rankwise.models import Loaded, load_tokenizer, model_class_for, set_module
 
 FORMAT_VERSION = 1
@@ -49,16 +49,26 @@ def rankwise_block(model: nn.Module) -> dict[str, object]:
 
 
 def low_rank_layers(model: nn.Module) -> dict[str, dict[str, int | bool]]:
+    """Per factorized module: rank, shape, bias, and `nnz` when it holds a sparse residual."""
     return {
         name: {
             "rank": m.rank,
             "in": m.in_features,
             "out": m.out_features,
             "bias": m.bias is not None,
+            **({"nnz": m.nnz} if isinstance(m, SparseLowRankLinear) else {}),
         }
         for name, m in model.named_modules()
         if isinstance(m, LowRankLinear)
     }
+
+
+def layer_from_block(layer: dict[str, int | bool]) -> LowRankLinear:
+    """An empty LowRankLinear (or SparseLowRankLinear) shaped as config.json records it."""
+    shape = (layer["in"], layer["out"], layer["rank"])
+    if "nnz" in layer:
+        return SparseLowRankLinear(*shape, layer["nnz"], bias=layer["bias"])
+    return LowRankLinear(*shape, bias=layer["bias"])
 
 
 def state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -122,9 +132,7 @@ def load_compressed(path: str | Path) -> Loaded:
         model_cls.from_config(config) if hasattr(model_cls, "from_config") else model_cls(config)
     )
     for name, layer in block.get("layers", {}).items():
-        set_module(
-            model, name, LowRankLinear(layer["in"], layer["out"], layer["rank"], bias=layer["bias"])
-        )
+        set_module(model, name, layer_from_block(layer))
     state = load_file(str(path / WEIGHTS))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = _tied_keys(model)

@@ -42,6 +42,13 @@ def summary_table(rows: list[dict[str, object]], streams: list[str]) -> Table:
     return table
 
 
+def rank_text(rank: object, nnz: object) -> str:
+    """'dense', the rank, or the rank and the sparse residual's nonzeros ('96 +3391 nz')."""
+    if rank is None:
+        return "dense"
+    return f"{rank} +{nnz} nz" if nnz else str(rank)
+
+
 def layer_table(layers: dict[str, dict[str, object]]) -> Table:
     """Per-layer: name, shape, rank, kept %, relative error in the method's metric, and (for
     importance allocation) the estimated loss increase; then the totals."""
@@ -55,13 +62,14 @@ def layer_table(layers: dict[str, dict[str, object]]) -> Table:
     for name, layer in layers.items():
         out_f, in_f, rank = int(layer["out"]), int(layer["in"]), layer.get("rank")
         kept_params = out_f * in_f if rank is None else int(rank) * (out_f + in_f)
+        kept_params = int(layer.get("kept_params") or kept_params)  # sparse: values + indices
         dense_total, kept_total = dense_total + out_f * in_f, kept_total + kept_params
         error, loss = layer.get("rel_error"), layer.get("est_loss")
         loss_total += float(loss or 0.0)
         row = [
             name,
             f"{out_f}x{in_f}",
-            "dense" if rank is None else str(rank),
+            rank_text(rank, layer.get("nnz")),
             f"{kept_params / (out_f * in_f):.1%}",
             "-" if error is None else f"{float(error):.4f}",
         ] + (["-" if loss is None else f"{float(loss):.3g}"] * estimated)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rankwise.errors import RankwiseError
 from rankwise.methods.base import Factors, LayerStats, Method, MethodOptions
 from rankwise.methods.fwsvd import FWSVD
+from rankwise.methods.sparse import Sparse
 from rankwise.methods.svd import SVD
 from rankwise.methods.whiten import Whiten
 
@@ -12,6 +13,7 @@ REGISTRY: dict[str, type] = {
     "svd": SVD,
     "fwsvd": FWSVD,
     "whiten": Whiten,
+    "sparse": Sparse,
 }
 
 

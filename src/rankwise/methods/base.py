@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from rankwise.csr import CSR
+
 
 @dataclass
 class LayerStats:
@@ -28,16 +30,30 @@ class LayerStats:
 @dataclass
 class MethodOptions:
     eig_floor: float = 1e-6  # relative floor on the gram's eigenvalues (whiten)
+    # sparse: shares of the layer's budget tried for nonzeros (besides none), refinement rounds
+    sparse_fractions: tuple[float, ...] = (0.03, 0.06, 0.1, 0.2, 0.35, 0.5)
+    sparse_rounds: int = 1
 
 
 @dataclass
 class Factors:
-    """W ~ left @ right; `spectrum` is the method's full singular spectrum (for allocation)."""
+    """W ~ left @ right (+ sparse); `spectrum` is the method's full singular spectrum (for
+    allocation). A method that fits more than a truncated spectrum (sparse) reports its own
+    `rel_error` (sqrt of error / total energy in its metric)."""
 
     left: torch.Tensor  # (out, rank)
     right: torch.Tensor  # (rank, in)
     spectrum: torch.Tensor | None = None  # (min(out, in),) singular values in the method's metric
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    sparse: CSR | None = None  # (out, in) residual added to left @ right
+    rel_error: float | None = None
+
+    def approximation(self) -> torch.Tensor:
+        """The dense (out, in) matrix the factors (and the sparse residual) represent."""
+        dense = self.left @ self.right  # (out, in)
+        if self.sparse is not None:
+            dense = dense + self.sparse.to_dense().to(dense.dtype)
+        return dense
 
 
 class Method(Protocol):
