@@ -230,3 +230,24 @@ def test_recovery_from_cached_teacher_top_k(tmp_path: Path) -> None:
     recover(student, load_teacher, windows, config(steps=30, teacher_topk=32), None, checkpoints)
     assert mean_kl(teacher, student, windows) < 0.7 * before
     assert loads == [1] and (tmp_path / "teacher.safetensors").is_file()
+
+
+def test_recovery_trains_the_sparse_values_too(tmp_path: Path) -> None:
+    from rankwise.layers import SparseLowRankLinear
+
+    teacher = make_model("llama")
+    student = clone(teacher)
+    windows = make_windows(count=8, seq_len=16)
+    recipe = Recipe(method="sparse", ratio=0.7, allocation="uniform", sequential=False)
+    result = rankwise.compress(student, recipe, windows=windows)
+    sparse = [m for m in student.modules() if isinstance(m, SparseLowRankLinear) and m.nnz]
+    assert sparse, "the tiny model should get some sparse residuals"
+    values_before = [m.values.detach().clone() for m in sparse]
+    before = mean_kl(teacher, student, windows)
+    recover(student, teacher, windows, config(steps=10, lr=3e-4))
+    assert mean_kl(teacher, student, windows) < before
+    assert any(not torch.equal(m.values, v) for m, v in zip(sparse, values_before, strict=True))
+    rankwise.save(result, str(tmp_path / "out"))
+    ids = make_windows(count=2, seq_len=16, seed=9)
+    loaded = rankwise.load(tmp_path / "out")
+    assert torch.allclose(model_output(loaded, ids), model_output(student, ids), atol=1e-5)

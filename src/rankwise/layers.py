@@ -132,6 +132,10 @@ class SparseLowRankLinear(LowRankLinear):
         # The cached CSR shares `values` and `crow_indices` (same dtypes); only the columns are
         # an int32 copy. Keyed by storage (a move or dtype change rebuilds it); loading, which
         # copies in place, drops it through the load hook.
+        if torch.is_grad_enabled() and self.values.requires_grad:
+            # training (recovery): a fresh CSR each call, so the gradient reaches `values`
+            shape = (self.out_features, self.in_features)
+            return torch_csr(self.crow_indices, self.col_indices, self.values, shape)
         key = tuple(t.data_ptr() for t in (self.values, self.crow_indices, self.col_indices))
         if self._matrix is None or self._matrix[0] != key:
             shape = (self.out_features, self.in_features)
