@@ -11,7 +11,9 @@ from rich.console import Console
 
 from rankwise import data, evaluate
 from rankwise.compress import compress, count_parameters
+from rankwise.encoder import is_encoder
 from rankwise.errors import ModelNotFoundError, RankwiseError
+from rankwise.eval_commands import run_encoder_eval
 from rankwise.io import check_output, directory_bytes, is_compressed_dir
 from rankwise.models import BUNDLED, Loaded, cache_dir, load_model
 from rankwise.progress import RichReporter
@@ -137,11 +139,15 @@ def run_compress(
     return figures
 
 
-def run_eval(spec: str, streams: list[str], windows: int) -> dict[str, object]:
+def run_eval(
+    spec: str, streams: list[str], windows: int, reference: str | None = None
+) -> dict[str, object]:
     reporter = RichReporter()
     with reporter.task(f"loading {spec}") as advance:
         loaded = load_model(spec)
         advance(1)
+    if is_encoder(loaded.model):  # no LM loss: embedding fidelity and a topic probe instead
+        return run_encoder_eval(loaded, spec, reference)
     params = count_parameters(loaded.model)
     path = Path(spec)
     on_disk = directory_bytes(path) if path.is_dir() else _bytes_fp32(params)
