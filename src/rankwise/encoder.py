@@ -43,6 +43,8 @@ def sentence_embeddings(
     """Mean-pooled, L2-normalized embeddings of `texts`. (len(texts), hidden)"""
     if tokenizer is None:
         raise RankwiseError("sentence embeddings need the model's tokenizer; none was found")
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    max_tokens = min(max_tokens, positions or max_tokens)
     out = []
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
