@@ -21,7 +21,7 @@ import rankwise
 from rankwise.compress import count_parameters
 from rankwise.encoder import EncoderTexts, encoder_figures, probe_accuracy
 from rankwise.io import directory_bytes
-from rankwise.models import load_model
+from rankwise.models import load_model, minilm_dir
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -75,7 +75,7 @@ def main() -> None:
     dense = load_model("minilm")
     dense_probe = probe_accuracy(dense.model, dense.tokenizer, texts)
     dense_params = count_parameters(dense.model)
-    dense_bytes = directory_bytes(Path(dense.source)) if Path(dense.source).is_dir() else 0
+    dense_bytes = directory_bytes(minilm_dir())
     rows = []
     for method in args.methods.split(","):
         for ratio in [float(r) for r in args.ratios.split(",")]:
