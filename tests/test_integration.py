@@ -169,3 +169,15 @@ def test_importance_allocation_beats_uniform_on_the_real_model(tmp_path: Path) -
         assert 0.4 <= result.targeted_ratio <= 0.403
         perplexity[allocation] = evaluate.perplexity(result.model, windows).perplexity
     assert perplexity["importance"] < 0.9 * perplexity["uniform"], perplexity
+
+
+def test_lm_eval_hflm_takes_the_loaded_model(run: dict) -> None:
+    """lm-eval's HFLM on the model `rankwise.load` returns, on rankwise's offline task."""
+    pytest.importorskip("lm_eval")
+    from rankwise.harness import run_tasks
+
+    loaded = rankwise.load_model(str(run["out"]))
+    results = run_tasks(
+        loaded.model, loaded.tokenizer, ["rt_sentiment"], limit=10, bootstrap_iters=0
+    )
+    assert 0.0 <= results.metrics()["rt_sentiment"]["acc"] <= 1.0
