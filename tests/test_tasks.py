@@ -132,3 +132,10 @@ def test_cli_tasks_prints_include_path(tmp_path: Path) -> None:
     result = cli("tasks", "--path", cwd=tmp_path)
     assert result.returncode == 0
     assert Path(result.stdout.strip()) == include_path()
+
+
+def test_encoder_is_refused_with_a_pointer() -> None:
+    from rankwise.harness import run_tasks
+
+    with pytest.raises(TaskError, match="encoder"):
+        run_tasks(make_model("bert"), eos_tokenizer(), ["rt_sentiment"], limit=1)

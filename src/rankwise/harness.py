@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from rankwise.encoder import is_encoder
 from rankwise.errors import TaskError
 from rankwise.tasks import TAG, TASKS, include_path
 
@@ -76,6 +77,10 @@ def run_tasks(
         raise TaskError("lm-eval needs the model's tokenizer; the directory holds none")
     if not tasks:
         raise TaskError(f"no task given; rankwise ships {', '.join(TASKS)}")
+    if is_encoder(model):
+        raise TaskError(
+            "lm-eval tasks score text with a causal LM; for an encoder run eval without --tasks"
+        )
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import make_table
