@@ -6,11 +6,14 @@ figures are those of the directory a user gets. In one process: the encoder is 2
 
     python bench/encoder.py                                  # whiten, svd x 0.2, 0.4, 0.6
     python bench/encoder.py --methods whiten --ratios 0.4 --out /tmp/encoder.md
+    python bench/encoder.py --methods svd --rows svd.json   # parts, then one table:
+    python bench/encoder.py --merge whiten.json,svd.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -70,17 +73,35 @@ def main() -> None:
     parser.add_argument("--methods", default="whiten,svd")
     parser.add_argument("--ratios", default="0.2,0.4,0.6")
     parser.add_argument("--out", type=Path, default=RESULTS / "encoder.md")
+    parser.add_argument("--rows", type=Path, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--merge", help="comma-separated --rows files: write the table from them, measure nothing"
+    )
     args = parser.parse_args()
     texts = EncoderTexts.bbc()
-    dense = load_model("minilm")
-    dense_probe = probe_accuracy(dense.model, dense.tokenizer, texts)
-    dense_params = count_parameters(dense.model)
-    dense_bytes = directory_bytes(minilm_dir())
-    rows = []
-    for method in args.methods.split(","):
-        for ratio in [float(r) for r in args.ratios.split(",")]:
-            rows.append(run_one(method, ratio, texts, dense.model, dense_probe))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
+        dense_info, rows = parts[0]["dense"], [r for p in parts for r in p["rows"]]
+    else:
+        dense = load_model("minilm")
+        dense_info = {
+            "probe": probe_accuracy(dense.model, dense.tokenizer, texts),
+            "params": count_parameters(dense.model),
+            "bytes": directory_bytes(minilm_dir()),
+        }
+        rows = []
+        for method in args.methods.split(","):
+            for ratio in [float(r) for r in args.ratios.split(",")]:
+                rows.append(run_one(method, ratio, texts, dense.model, dense_info["probe"]))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+        if args.rows:
+            args.rows.write_text(json.dumps({"dense": dense_info, "rows": rows}, indent=2))
+    write_table(args, texts, dense_info, rows)
+
+
+def write_table(args: argparse.Namespace, texts: EncoderTexts, dense: dict, rows: list) -> None:
+    methods = ",".join(dict.fromkeys(r["method"] for r in rows))
+    ratios = ",".join(str(r) for r in dict.fromkeys(r["ratio"] for r in rows))
     text = "\n\n".join(
         [
             "# Encoder sweep (all-MiniLM-L6-v2, `minilm`)",
@@ -88,12 +109,12 @@ def main() -> None:
             f"similarity to the dense model's embeddings (mean pooled, normalized) of "
             f"{len(texts.sentences)} held-out BBC sentences. probe acc: logistic regression on "
             f"the 5 BBC topics, trained on {len(texts.train)} calibration-split articles, tested "
-            f"on the {len(texts.test)} held-out ones (first 256 tokens each). Importance "
+            f"on the {len(texts.test)} held-out ones (first 128 tokens each). Importance "
             "allocation needs an LM loss: encoders fall back to uniform.",
-            f"Dense: {dense_params:,} params, {dense_bytes / 1e6:.1f} MB, probe acc "
-            f"{dense_probe:.4f}, cosine 1.",
+            f"Dense: {dense['params']:,} params, {dense['bytes'] / 1e6:.1f} MB, probe acc "
+            f"{dense['probe']:.4f}, cosine 1.",
             table(rows),
-            f"Command: `python bench/encoder.py --methods {args.methods} --ratios {args.ratios}`"
+            f"Command: `python bench/encoder.py --methods {methods} --ratios {ratios}`"
             f" (torch {torch.__version__}, {torch.get_num_threads()} threads).",
         ]
     )

@@ -84,7 +84,7 @@ def run_encoder_eval(
     spec: str,
     reference: str | None = None,
     sentences: int = 512,
-    train_per_topic: int = 100,
+    train_per_topic: int = 60,
 ) -> dict[str, object]:
     """Cosine to the original's sentence embeddings and BBC topic probe accuracy (both models)."""
     row = _size_row(loaded, spec)
