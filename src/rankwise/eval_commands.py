@@ -104,7 +104,10 @@ def encoder_table(rows: list[dict[str, object]]) -> Table:
     table = Table(title="rankwise encoder")
     columns = ("model", "params", "model removed", "bytes", "cosine", "probe acc", "original")
     for column in columns:
-        table.add_column(column, justify="left" if column == "model" else "right")
+        if column == "model":
+            table.add_column(column, overflow="fold")  # a path: shown whole, not cut to "…"
+        else:
+            table.add_column(column, justify="right")
     for row in rows:
         ratio = row.get("model_ratio")
         table.add_row(
