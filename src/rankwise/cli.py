@@ -97,13 +97,41 @@ def eval_cmd(
     store: Annotated[
         bool, typer.Option("--store/--no-store", help="keep figures in DIR/eval.json")
     ] = True,
+    tasks: Annotated[
+        str | None, typer.Option(help="lm-eval tasks: rt_sentiment, bbc_topic, bbc_perplexity...")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="documents per lm-eval task")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="lm-eval few-shot examples")] = None,
+    batch_size: Annotated[int, typer.Option(help="lm-eval batch size")] = 8,
+    reference: Annotated[
+        str | None, typer.Option(help="encoders: the original model (default: the source)")
+    ] = None,
 ) -> None:
-    """Perplexity on the protocol's streams, parameter count and bytes."""
+    """Perplexity on the protocol's streams (or lm-eval --tasks; encoders: embedding cosine and
+    a topic probe), parameter count and bytes."""
     from rankwise.commands import run_eval
+    from rankwise.eval_commands import run_task_eval
 
-    figures = run_eval(model, _split(streams) or [], windows, store)
+    if tasks:
+        figures = run_task_eval(model, _split(tasks) or [], limit, num_fewshot, batch_size)
+    else:
+        figures = run_eval(model, _split(streams) or [], windows, reference, store)
     if json_out:
-        json_out.write_text(json.dumps(figures, indent=2))
+        json_out.write_text(json.dumps(figures, indent=2, default=str))
+
+
+@app.command("tasks")
+def tasks_cmd(
+    path: Annotated[bool, typer.Option("--path", help="print only the include path")] = False,
+) -> None:
+    """rankwise's offline lm-eval tasks, and the folder to pass lm_eval as --include_path."""
+    from rankwise.tasks import TASKS, include_path
+
+    if path:
+        print(include_path())
+        return
+    console.print(f"tasks: {', '.join(TASKS)} (tag 'rankwise': all)", highlight=False)
+    console.print(f"include path: {include_path()}", highlight=False, soft_wrap=True)
 
 
 @app.command("recover")

@@ -12,13 +12,10 @@ from rich.console import Console
 from rankwise import data, evaluate
 from rankwise.atomic import atomic_write_text
 from rankwise.compress import compress, count_parameters
+from rankwise.encoder import is_encoder
 from rankwise.errors import ModelNotFoundError, RankwiseError
-from rankwise.io import (
-    EVAL_FILE,
-    check_output,
-    directory_bytes,
-    is_compressed_dir,
-)
+from rankwise.eval_commands import run_encoder_eval
+from rankwise.io import EVAL_FILE, check_output, directory_bytes, is_compressed_dir
 from rankwise.models import BUNDLED, Loaded, cache_dir, load_model
 from rankwise.progress import RichReporter
 from rankwise.recipe import Recipe
@@ -106,6 +103,8 @@ def run_compress(
         loaded = load_model(recipe.model, trust_remote_code)
         advance(1)
     load_seconds = time.perf_counter() - start
+    encoder_eval = with_eval and is_encoder(loaded.model)  # no perplexity: embeddings instead
+    with_eval = with_eval and not encoder_eval
     eval_tokens = eval_token_windows(loaded, streams, eval_windows) if with_eval else {}
     dense_ppl = dense_perplexity(loaded, recipe.model, eval_tokens, reporter) if with_eval else {}
     start = time.perf_counter()
@@ -151,6 +150,8 @@ def run_compress(
         summary_table([figures["dense"], figures["compressed"]], streams if with_eval else [])
     )
     console.print(f"saved to {saved}")
+    if encoder_eval:
+        figures["encoder"] = run_encoder_eval(load_model(str(saved)), str(saved), recipe.model)
     if with_eval:
         stored = {**figures["compressed"], "name": saved, "windows": eval_windows}
         store_eval(Path(saved), {**stored, "dense_perplexity": dense_ppl}, reporter)
@@ -165,11 +166,19 @@ def store_eval(directory: Path, row: dict[str, object], reporter: RichReporter) 
         reporter.log(f"could not store {directory / EVAL_FILE}: {err}")
 
 
-def run_eval(spec: str, streams: list[str], windows: int, store: bool = True) -> dict[str, object]:
+def run_eval(
+    spec: str,
+    streams: list[str],
+    windows: int,
+    reference: str | None = None,
+    store: bool = True,
+) -> dict[str, object]:
     reporter = RichReporter()
     with reporter.task(f"loading {spec}") as advance:
         loaded = load_model(spec)
         advance(1)
+    if is_encoder(loaded.model):  # no LM loss: embedding fidelity and a topic probe instead
+        return run_encoder_eval(loaded, spec, reference)
     params = count_parameters(loaded.model)
     path = Path(spec)
     on_disk = directory_bytes(path) if path.is_dir() else _bytes_fp32(params)

