@@ -37,6 +37,7 @@ def save(
         "model_params_before": result.model_params_before,
         "model_params_after": result.model_params_after,
         "seconds": result.seconds,
+        "merge_policy": result.recipe.merge_policy,
         # A list, not a mapping: config.json is written with sorted keys, and the per-layer
         # table should read in model order.
         "targets": [

@@ -1,4 +1,4 @@
-"""The `rankwise` command: compress, eval, inspect.
+"""The `rankwise` command: compress, eval, inspect, bench.
 
 Every flag maps onto a Recipe field; `--recipe r.yaml` loads one and flags override it.
 User mistakes print one line `error: ...` and exit 2, with nothing written.
@@ -103,6 +103,25 @@ def inspect_cmd(
     from rankwise.commands import run_inspect
 
     run_inspect(directory)
+
+
+@app.command("bench")
+def bench_cmd(
+    model: Annotated[str, typer.Argument(help="compressed DIR (or 'default', a HF dir)")],
+    vs: Annotated[str, typer.Option(help="reference: 'default' or a directory")] = "default",
+    merge_policy: Annotated[str, typer.Option(help="auto | never | always")] = "auto",
+    repeats: Annotated[int, typer.Option(min=1, help="timed runs per model and workload")] = 5,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads")] = 2,
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="peak memory")] = True,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile both")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write figures as JSON")] = None,
+) -> None:
+    """Prefill and decode tokens/s and peak memory of MODEL against --vs, with the bound."""
+    from rankwise.commands import run_bench
+
+    figures = run_bench(model, vs, merge_policy, repeats, threads, memory, compile_model)
+    if json_out:
+        json_out.write_text(json.dumps(figures, indent=2))
 
 
 def main() -> None:

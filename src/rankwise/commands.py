@@ -166,3 +166,30 @@ def run_inspect(directory: Path) -> None:
         f"targeted removed {block.get('targeted_ratio', 0):.2%}, "
         f"model removed {block.get('model_ratio', 0):.2%}"
     )
+
+
+def run_bench(
+    spec: str,
+    vs: str,
+    merge_policy: str,
+    repeats: int,
+    threads: int,
+    memory: bool,
+    compile_model: bool,
+) -> dict[str, object]:
+    """Time SPEC against VS, print the table, return the figures."""
+    from rich.table import Table
+
+    from rankwise.speed import bench, speed_table
+
+    figures = bench(spec, vs, merge_policy, repeats, threads, memory, compile_model)
+    header, *rows = speed_table(figures)
+    table = Table(*header, title=f"{spec} vs {vs} ({threads} threads, median of {repeats})")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        f"merge policy {merge_policy}: {len(figures['merged_layers'])} layers merged, "
+        f"{figures['factorized_layers']} factorized ({figures['policy_seconds']:.1f}s)"
+    )
+    return figures

@@ -1,0 +1,326 @@
+"""Inference speed of a model against a reference: tokens/s, peak memory, and the physical bound.
+
+The two models are timed in alternating runs (model, reference, model, ...) and each figure is
+the median of its runs, so a slow spell of a shared machine lands on both. Beside each ratio
+stands the bound the multiply-adds allow: every linear (factorized ones at r*(out+in), dense
+ones and the LM head at out*in) plus attention's score and value products, reference over model.
+A factorized model cannot beat that bound; how close it gets is what the fast path is worth.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from rankwise.errors import RankwiseError
+from rankwise.layers import LowRankLinear
+from rankwise.models import is_conv1d
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Prefill: one forward over batch x tokens (all logits). Decode: greedy, `tokens` new."""
+
+    name: str
+    kind: str  # "prefill" | "decode"
+    batch: int
+    tokens: int  # prompt length (prefill) or new tokens (decode)
+    prompt: int = 0  # prompt length before decoding
+
+    @property
+    def counted_tokens(self) -> int:
+        """Tokens per run that tokens/s counts: prompt tokens read, or new tokens written."""
+        return self.batch * self.tokens
+
+
+WORKLOADS: tuple[Workload, ...] = (
+    Workload("prefill 1x512", "prefill", 1, 512),
+    Workload("prefill 8x128", "prefill", 8, 128),
+    Workload("decode 1x64", "decode", 1, 64, prompt=32),
+    Workload("decode 8x64", "decode", 8, 64, prompt=32),
+)
+
+
+class BenchError(RankwiseError):
+    """A model that cannot be benchmarked (not a causal LM)."""
+
+
+def workload_ids(work: Workload, vocab: int, seed: int = 0) -> torch.Tensor:
+    """Fixed random token ids: speed does not depend on the text, only on the shapes."""
+    length = work.tokens if work.kind == "prefill" else work.prompt
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (work.batch, length), generator=generator)  # (batch, length)
+
+
+def run_once(model: nn.Module, work: Workload, ids: torch.Tensor) -> None:
+    """One prefill forward, or one greedy generation that never stops early."""
+    with torch.inference_mode():
+        if work.kind == "prefill":
+            model(input_ids=ids, use_cache=False)
+            return
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=work.tokens,
+            min_new_tokens=work.tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+        )
+
+
+def timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def alternate(
+    models: dict[str, nn.Module], work: Workload, repeats: int, vocab: int
+) -> dict[str, list[float]]:
+    """Seconds per run for each model, runs interleaved after one warm-up each."""
+    ids = workload_ids(work, vocab)
+    for model in models.values():
+        run_once(model, work, ids)
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            seconds[name].append(timed(lambda m=model: run_once(m, work, ids)))
+    return seconds
+
+
+def linear_macs(model: nn.Module) -> tuple[int, int]:
+    """(multiply-adds per token of every linear but the output head, of the output head).
+
+    A factorized layer counts min(r*(out+in), out*in): the merge policy may run it dense.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = 0
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            full = module.out_features * module.in_features
+            body += min(module.rank * (module.out_features + module.in_features), full)
+        elif isinstance(module, nn.Linear) and module is not head:
+            body += module.out_features * module.in_features
+        elif is_conv1d(module):
+            body += module.weight.numel()
+    head_macs = head.weight.numel() if isinstance(head, nn.Linear) else 0
+    return body, head_macs
+
+
+def attention_macs_per_context(config: object) -> int:
+    """Score plus value multiply-adds per (query, key) pair, summed over layers and heads."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", 0) or getattr(text, "n_layer", 0)
+    heads = getattr(text, "num_attention_heads", 0) or getattr(text, "n_head", 0)
+    hidden = getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0)
+    head_dim = getattr(text, "head_dim", None) or (hidden // heads if heads else 0)
+    return 2 * layers * heads * head_dim
+
+
+def workload_macs(model: nn.Module, work: Workload) -> int:
+    """Multiply-adds of one run: linears per token, the head where logits are made, attention."""
+    body, head = linear_macs(model)
+    attention = attention_macs_per_context(model.config)
+    if work.kind == "prefill":
+        n = work.tokens
+        pairs = n * (n + 1) // 2  # causal: query i sees i+1 keys
+        return work.batch * (n * (body + head) + attention * pairs)
+    p, n = work.prompt, work.tokens
+    rows = p + n - 1  # the prompt once, then every new token but the last goes back in
+    pairs = p * (p + 1) // 2 + sum(p + i + 1 for i in range(n - 1))
+    return work.batch * (rows * body + n * head + attention * pairs)
+
+
+@dataclass
+class Row:
+    """One workload: tokens/s of model and reference, their ratio, and the multiply-add bound."""
+
+    workload: str
+    model_tps: float
+    reference_tps: float
+    ratio: float
+    bound: float
+    model_seconds: list[float] = field(default_factory=list)
+    reference_seconds: list[float] = field(default_factory=list)
+
+
+def vocab_size(model: nn.Module) -> int:
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size)
+
+
+def bounds(
+    model: nn.Module, reference: nn.Module, workloads: tuple[Workload, ...] = WORKLOADS
+) -> dict[str, float]:
+    """Reference over model multiply-adds per workload (count before any merging)."""
+    return {w.name: workload_macs(reference, w) / workload_macs(model, w) for w in workloads}
+
+
+def compare(
+    model: nn.Module,
+    reference: nn.Module,
+    bound: dict[str, float],
+    workloads: tuple[Workload, ...] = WORKLOADS,
+    repeats: int = 5,
+) -> list[Row]:
+    """Time `model` against `reference` on each workload (alternating runs, medians)."""
+    vocab = min(vocab_size(model), vocab_size(reference))
+    rows = []
+    for work in workloads:
+        runs = alternate({"model": model, "reference": reference}, work, repeats, vocab)
+        m_tps = work.counted_tokens / statistics.median(runs["model"])
+        r_tps = work.counted_tokens / statistics.median(runs["reference"])
+        rows.append(Row(work.name, m_tps, r_tps, m_tps / r_tps, bound[work.name], *runs.values()))
+    return rows
+
+
+_PEAK_SCRIPT = """
+import json, resource, sys, torch
+torch.set_num_threads({threads})
+from rankwise.models import load_model
+from rankwise.io import is_compressed_dir, load_compressed
+from rankwise.speed import WORKLOADS, run_once, vocab_size, workload_ids
+spec, policy = {spec!r}, {policy!r}
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if policy and is_compressed_dir(spec):
+    model = load_compressed(spec, merge_policy=policy).model
+else:
+    model = load_model(spec).model
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for work in WORKLOADS:
+    run_once(model, work, workload_ids(work, vocab_size(model)))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"loaded_mb": (loaded - before) / 1024, "peak_mb": (peak - before) / 1024}}))
+"""
+
+
+def peak_memory(spec: str, policy: str | None, threads: int) -> dict[str, float]:
+    """Resident memory a fresh process adds loading `spec` and running every workload once.
+
+    A process's peak is monotone, so each model gets its own process (MiB above the imports).
+    """
+    script = _PEAK_SCRIPT.format(spec=spec, policy=policy, threads=threads)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
+    if done.returncode != 0:
+        raise BenchError(f"peak memory run failed for {spec}: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def rows_as_dicts(rows: list[Row]) -> list[dict[str, object]]:
+    return [asdict(row) for row in rows]
+
+
+def load_for_bench(spec: str) -> nn.Module:
+    """A model with every factor kept (the policy is applied after counting multiply-adds)."""
+    from rankwise.io import is_compressed_dir, load_compressed
+    from rankwise.models import load_model
+
+    model = (
+        load_compressed(spec, merge_policy="never").model
+        if is_compressed_dir(spec)
+        else load_model(spec).model
+    )
+    if not (hasattr(model, "generate") and hasattr(model, "get_output_embeddings")):
+        raise BenchError(f"{spec} is not a causal language model: nothing to decode")
+    return model
+
+
+def bench(
+    spec: str,
+    vs: str = "default",
+    merge_policy: str = "auto",
+    repeats: int = 5,
+    threads: int = 2,
+    memory: bool = True,
+    compile_model: bool = False,
+) -> dict[str, object]:
+    """Everything `rankwise bench` reports, as plain data (JSON-ready)."""
+    from rankwise.policy import apply_merge_policy, check_policy
+
+    check_policy(merge_policy)
+    torch.set_num_threads(threads)
+    model, reference = load_for_bench(spec), load_for_bench(vs)
+    bound = bounds(model, reference)
+    start = time.perf_counter()
+    merged = apply_merge_policy(model, merge_policy)
+    apply_merge_policy(reference, merge_policy)  # a compressed reference gets the same policy
+    policy_seconds = time.perf_counter() - start
+    if compile_model:
+        model, reference = torch.compile(model), torch.compile(reference)
+    rows = compare(model, reference, bound, repeats=repeats)
+    figures: dict[str, object] = {
+        "model": spec,
+        "reference": vs,
+        "threads": threads,
+        "repeats": repeats,
+        "merge_policy": merge_policy,
+        "merged_layers": merged,
+        "factorized_layers": sum(isinstance(m, LowRankLinear) for m in model.modules()),
+        "policy_seconds": policy_seconds,
+        "compile": compile_model,
+        "rows": rows_as_dicts(rows),
+        "parameter_mb": {
+            "model": parameter_bytes(model) / 2**20,
+            "reference": parameter_bytes(reference) / 2**20,
+        },
+    }
+    if memory:
+        figures["memory_mb"] = {
+            "model": peak_memory(spec, merge_policy, threads),
+            "reference": peak_memory(vs, merge_policy, threads),
+        }
+    return figures
+
+
+def speed_table(figures: dict[str, object]) -> list[list[str]]:
+    """Header and rows: workload, tokens/s of both, ratio, multiply-add bound."""
+    table = [["workload", "model tok/s", "reference tok/s", "ratio", "bound"]]
+    for row in figures["rows"]:
+        table.append(
+            [
+                row["workload"],
+                f"{row['model_tps']:.1f}",
+                f"{row['reference_tps']:.1f}",
+                f"{row['ratio']:.2f}x",
+                f"{row['bound']:.2f}x",
+            ]
+        )
+    memory = figures.get("memory_mb")
+    if memory:
+        model_mb, ref_mb = memory["model"]["peak_mb"], memory["reference"]["peak_mb"]
+        table.append(
+            ["peak memory MiB", f"{model_mb:.0f}", f"{ref_mb:.0f}", f"{model_mb / ref_mb:.2f}x", ""]
+        )
+    params = figures["parameter_mb"]
+    table.append(
+        [
+            "weights MiB",
+            f"{params['model']:.0f}",
+            f"{params['reference']:.0f}",
+            f"{params['model'] / params['reference']:.2f}x",
+            "",
+        ]
+    )
+    return table
