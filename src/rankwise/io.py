@@ -106,11 +106,12 @@ def is_compressed_dir(path: str | Path) -> bool:
     return "rankwise" in json.loads(config.read_text())
 
 
-def load_compressed(path: str | Path, merge_policy: str | None = None) -> Loaded:
+def load_compressed(path: str | Path, merge_policy: str | None = "never") -> Loaded:
     """Rebuild the architecture, install the factors, load the weights. Eval mode, fp32.
 
-    Then apply the merge policy (`merge_policy`, else the saved recipe's, else "auto"): layers
-    whose factors are slower than their dense product on this machine are merged back.
+    Then apply the merge policy (None: the saved recipe's, else "auto"): layers whose factors are
+    slower than their dense product on this machine are merged back. The default "never" keeps
+    the model as stored, so `eval` and `inspect` report its parameters as saved.
     """
     from transformers import AutoConfig
 
@@ -141,7 +142,7 @@ def load_compressed(path: str | Path, merge_policy: str | None = None) -> Loaded
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model = model.float().eval()
-    apply_merge_policy(model, merge_policy or str(block.get("merge_policy", "auto")))
+    apply_merge_policy(model, merge_policy or str(block.get("merge_policy") or "auto"))
     return Loaded(model, load_tokenizer(path), str(path))
 
 
@@ -159,8 +160,9 @@ def _tied_keys(model: nn.Module) -> set[str]:
 def load(path: str | Path, merge_policy: str | None = None) -> nn.Module:
     """`rankwise.load(DIR)`: a transformers model ready for generate, pipeline and lm-eval.
 
-    `merge_policy`: "auto" (measured per layer), "never" (keep every factor), "always" (dense);
-    None takes the one saved with the model (default "auto").
+    `merge_policy`: "auto" (measured per layer, ~1 s: factors only where faster than dense on this
+    machine), "never" (keep every factor), "always" (all dense); None takes the one saved with the
+    model's recipe (default "auto"). Merged layers are plain nn.Linear.
     """
     return load_compressed(path, merge_policy).model
 
