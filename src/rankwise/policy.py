@@ -123,27 +123,46 @@ def _median_seconds(run: Callable[[int], object], copies: int, repeats: int) -> 
 
 def _copies(nbytes: int, tokens: int) -> int:
     """Enough weight copies to defeat the cache for small-token (memory-bound) products."""
-    return 1 if tokens > 64 else max(1, -(-COLD_BYTES // max(nbytes, 1)))
+    return 1 if tokens > 64 else max(1, COLD_BYTES // max(nbytes, 1))
 
 
-def time_dense(out: int, inp: int, tokens: int, repeats: int) -> float:
+class WeightPool:
+    """One buffer that weight copies are cut from: allocated once, not once per timing."""
+
+    def __init__(self, largest: int) -> None:
+        self.data = torch.ones(COLD_BYTES // 4 + largest)  # ones: no denormals, cheap to fill
+
+    def take(self, copies: int, *shapes: tuple[int, int]) -> list[list[torch.Tensor]]:
+        """`copies` sets of matrices of the given shapes, each set at its own place."""
+        sizes = [a * b for a, b in shapes]
+        chunks, offset = [], 0
+        for _ in range(copies):
+            views = []
+            for (a, b), size in zip(shapes, sizes, strict=True):
+                offset = 0 if offset + size > self.data.numel() else offset  # wrap around
+                views.append(self.data[offset : offset + size].view(a, b))
+                offset += size
+            chunks.append(views)
+        return chunks
+
+
+def time_dense(pool: WeightPool, out: int, inp: int, tokens: int, repeats: int) -> float:
     copies = _copies(out * inp * 4, tokens)
-    weights = [torch.randn(out, inp) for _ in range(copies)]  # (out, in) each
+    weights = pool.take(copies, (out, inp))  # (out, in) each
     x = torch.randn(tokens, inp)  # (tokens, in)
     with torch.inference_mode():
-        return _median_seconds(lambda i: F.linear(x, weights[i]), copies, repeats)
+        return _median_seconds(lambda i: F.linear(x, weights[i][0]), copies, repeats)
 
 
-def time_factored(out: int, inp: int, rank: int, tokens: int, repeats: int) -> float:
+def time_factored(
+    pool: WeightPool, out: int, inp: int, rank: int, tokens: int, repeats: int
+) -> float:
     copies = _copies(rank * (out + inp) * 4, tokens)
-    layers = [
-        (torch.randn(out, rank), torch.randn(rank, inp))  # left (out, rank), right (rank, in)
-        for _ in range(copies)
-    ]
+    factors = pool.take(copies, (out, rank), (rank, inp))  # left (out, rank), right (rank, in)
     x = torch.randn(tokens, inp)  # (tokens, in)
 
     def run(i: int) -> torch.Tensor:
-        left, right = layers[i]
+        left, right = factors[i]
         return F.linear(F.linear(x, right), left)  # (tokens, rank) -> (tokens, out)
 
     with torch.inference_mode():
@@ -156,18 +175,20 @@ def measure_costs(
     points: int = GRID_POINTS,
 ) -> CostTable:
     """Time the products behind the given (out, in, rank) layers on this machine (~1-2 s)."""
+    shapes = list(shapes)
     by_shape: dict[tuple[int, int], list[int]] = {}
     for out, inp, rank in shapes:
         by_shape.setdefault((out, inp), []).append(rank)
     costs = {}
+    pool = WeightPool(max((o * i + r * (o + i) for o, i, r in shapes), default=0))
     for (out, inp), ranks in by_shape.items():
         grid = grid_ranks(ranks, points)
         for t in tokens:
             repeats = 5 if t > 64 else 15
             costs[(out, inp, t)] = ShapeCosts(
-                dense=time_dense(out, inp, t, repeats),
+                dense=time_dense(pool, out, inp, t, repeats),
                 ranks=grid,
-                factored=tuple(time_factored(out, inp, r, t, repeats) for r in grid),
+                factored=tuple(time_factored(pool, out, inp, r, t, repeats) for r in grid),
             )
     return CostTable(costs)
 
