@@ -60,21 +60,41 @@ def workload_ids(work: Workload, vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (work.batch, length), generator=generator)  # (batch, length)
 
 
-def run_once(model: nn.Module, work: Workload, ids: torch.Tensor) -> None:
-    """One prefill forward, or one greedy generation that never stops early."""
-    with torch.inference_mode():
-        if work.kind == "prefill":
-            model(input_ids=ids, use_cache=False)
-            return
-        model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=work.tokens,
-            min_new_tokens=work.tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=0,
-        )
+Runner = Callable[[Workload, torch.Tensor], None]
+
+
+def make_runner(model: nn.Module, compile_model: bool = False) -> Runner:
+    """One prefill forward, or one greedy generation that never stops early.
+
+    With `compile_model`, prefill runs through torch.compile and generate uses a static cache,
+    which makes transformers compile the decoding step (on CPU only when asked to).
+    """
+    forward = torch.compile(model, dynamic=False) if compile_model else model
+    extra: dict[str, object] = {}
+    if compile_model:
+        from transformers import CompileConfig
+
+        config = CompileConfig(mode="default")  # "reduce-overhead" means CUDA graphs
+        config._compile_all_devices = True  # transformers' own switch for compiling on CPU
+        extra = {"cache_implementation": "static", "compile_config": config}
+
+    def run(work: Workload, ids: torch.Tensor) -> None:
+        with torch.inference_mode():
+            if work.kind == "prefill":
+                forward(input_ids=ids, use_cache=False)
+                return
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=work.tokens,
+                min_new_tokens=work.tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+                **extra,
+            )
+
+    return run
 
 
 def timed(fn: Callable[[], None]) -> float:
@@ -84,16 +104,16 @@ def timed(fn: Callable[[], None]) -> float:
 
 
 def alternate(
-    models: dict[str, nn.Module], work: Workload, repeats: int, vocab: int
+    runners: dict[str, Runner], work: Workload, repeats: int, vocab: int
 ) -> dict[str, list[float]]:
     """Seconds per run for each model, runs interleaved after one warm-up each."""
     ids = workload_ids(work, vocab)
-    for model in models.values():
-        run_once(model, work, ids)
-    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for run in runners.values():
+        run(work, ids)
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
-        for name, model in models.items():
-            seconds[name].append(timed(lambda m=model: run_once(m, work, ids)))
+        for name, run in runners.items():
+            seconds[name].append(timed(lambda run=run: run(work, ids)))
     return seconds
 
 
@@ -172,12 +192,17 @@ def compare(
     bound: dict[str, float],
     workloads: tuple[Workload, ...] = WORKLOADS,
     repeats: int = 5,
+    compile_model: bool = False,
 ) -> list[Row]:
     """Time `model` against `reference` on each workload (alternating runs, medians)."""
     vocab = min(vocab_size(model), vocab_size(reference))
+    runners = {
+        "model": make_runner(model, compile_model),
+        "reference": make_runner(reference, compile_model),
+    }
     rows = []
     for work in workloads:
-        runs = alternate({"model": model, "reference": reference}, work, repeats, vocab)
+        runs = alternate(runners, work, repeats, vocab)
         m_tps = work.counted_tokens / statistics.median(runs["model"])
         r_tps = work.counted_tokens / statistics.median(runs["reference"])
         rows.append(Row(work.name, m_tps, r_tps, m_tps / r_tps, bound[work.name], *runs.values()))
@@ -189,7 +214,7 @@ import json, resource, sys, torch
 torch.set_num_threads({threads})
 from rankwise.models import load_model
 from rankwise.io import is_compressed_dir, load_compressed
-from rankwise.speed import WORKLOADS, run_once, vocab_size, workload_ids
+from rankwise.speed import WORKLOADS, make_runner, vocab_size, workload_ids
 spec, policy = {spec!r}, {policy!r}
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if policy and is_compressed_dir(spec):
@@ -197,8 +222,9 @@ if policy and is_compressed_dir(spec):
 else:
     model = load_model(spec).model
 loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+run = make_runner(model)
 for work in WORKLOADS:
-    run_once(model, work, workload_ids(work, vocab_size(model)))
+    run(work, workload_ids(work, vocab_size(model)))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({{"loaded_mb": (loaded - before) / 1024, "peak_mb": (peak - before) / 1024}}))
 """
@@ -267,9 +293,7 @@ def bench(
     merged = apply_merge_policy(model, merge_policy)
     apply_merge_policy(reference, merge_policy)  # a compressed reference gets the same policy
     policy_seconds = time.perf_counter() - start
-    if compile_model:
-        model, reference = torch.compile(model), torch.compile(reference)
-    rows = compare(model, reference, bound, repeats=repeats)
+    rows = compare(model, reference, bound, repeats=repeats, compile_model=compile_model)
     figures: dict[str, object] = {
         "model": spec,
         "reference": vs,
