@@ -32,8 +32,7 @@ MergePolicy = Literal["auto", "never", "always"]
 MERGE_POLICIES: tuple[str, ...] = ("auto", "never", "always")
 # Rows per product the decision must hold for: batch-1 decode, batch-8 decode, a 512-token prompt.
 WORKLOAD_TOKENS: tuple[int, ...] = (1, 8, 512)
-# The real model streams its weights from memory while decoding: time the small-token products
-# over enough copies of the weights to overflow the last-level cache, not on cache-hot weights.
+# Weights timed are cut from a buffer larger than the last-level cache (see WeightPool).
 COLD_BYTES = 64 * 2**20
 GRID_POINTS = 5  # ranks timed per (out, in) shape; the others are interpolated
 
@@ -109,64 +108,62 @@ def grid_ranks(ranks: Iterable[int], points: int = GRID_POINTS) -> tuple[int, ..
     return tuple(sorted(picks))
 
 
-def _median_seconds(run: Callable[[int], object], copies: int, repeats: int) -> float:
-    """Median seconds of one call, cycling through `copies` weight copies (after a warm-up)."""
-    for i in range(min(copies, 2)):
-        run(i)
-    times = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        run(i % copies)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def _copies(nbytes: int, tokens: int) -> int:
-    """Enough weight copies to defeat the cache for small-token (memory-bound) products."""
-    return 1 if tokens > 64 else max(1, COLD_BYTES // max(nbytes, 1))
-
-
 class WeightPool:
-    """One buffer that weight copies are cut from: allocated once, not once per timing."""
+    """One buffer that weights are cut from, each product at the next place (wrapping around).
+
+    The real model streams its weights from memory while decoding; a matrix timed on cache-hot
+    weights would favour the dense form. Here every timed call reads memory that no call has
+    touched for the last COLD_BYTES.
+    """
 
     def __init__(self, largest: int) -> None:
         self.data = torch.ones(COLD_BYTES // 4 + largest)  # ones: no denormals, cheap to fill
+        self.cursor = 0
 
-    def take(self, copies: int, *shapes: tuple[int, int]) -> list[list[torch.Tensor]]:
-        """`copies` sets of matrices of the given shapes, each set at its own place."""
-        sizes = [a * b for a, b in shapes]
-        chunks, offset = [], 0
-        for _ in range(copies):
-            views = []
-            for (a, b), size in zip(shapes, sizes, strict=True):
-                offset = 0 if offset + size > self.data.numel() else offset  # wrap around
-                views.append(self.data[offset : offset + size].view(a, b))
-                offset += size
-            chunks.append(views)
-        return chunks
+    def next(self, *shapes: tuple[int, int]) -> list[torch.Tensor]:
+        views = []
+        for rows, cols in shapes:
+            if self.cursor + rows * cols > self.data.numel():
+                self.cursor = 0
+            views.append(self.data[self.cursor : self.cursor + rows * cols].view(rows, cols))
+            self.cursor += rows * cols
+        return views
 
 
-def time_dense(pool: WeightPool, out: int, inp: int, tokens: int, repeats: int) -> float:
-    copies = _copies(out * inp * 4, tokens)
-    weights = pool.take(copies, (out, inp))  # (out, in) each
-    x = torch.randn(tokens, inp)  # (tokens, in)
+# The shapes of the weights a product reads, and the product given those weights.
+Product = tuple[tuple[tuple[int, int], ...], Callable[[list[torch.Tensor]], object]]
+
+
+def fastest_seconds(pool: WeightPool, products: list[Product], repeats: int) -> list[float]:
+    """Fastest call of each product, the products interleaved round by round after a warm-up.
+
+    The minimum, not the median: on a shared machine interruptions only ever add time, and
+    interleaving makes a slow spell fall on every form alike.
+    """
+    best = [float("inf")] * len(products)
     with torch.inference_mode():
-        return _median_seconds(lambda i: F.linear(x, weights[i][0]), copies, repeats)
+        for round_ in range(repeats + 1):
+            for j, (shapes, run) in enumerate(products):
+                weights = pool.next(*shapes)
+                start = time.perf_counter()
+                run(weights)
+                if round_:
+                    best[j] = min(best[j], time.perf_counter() - start)
+    return best
 
 
-def time_factored(
-    pool: WeightPool, out: int, inp: int, rank: int, tokens: int, repeats: int
-) -> float:
-    copies = _copies(rank * (out + inp) * 4, tokens)
-    factors = pool.take(copies, (out, rank), (rank, inp))  # left (out, rank), right (rank, in)
+def shape_products(out: int, inp: int, ranks: Iterable[int], tokens: int) -> list[Product]:
+    """The dense product, then the factorized one at each rank, on a (tokens, in) input."""
     x = torch.randn(tokens, inp)  # (tokens, in)
-
-    def run(i: int) -> torch.Tensor:
-        left, right = factors[i]
-        return F.linear(F.linear(x, right), left)  # (tokens, rank) -> (tokens, out)
-
-    with torch.inference_mode():
-        return _median_seconds(run, copies, repeats)
+    products: list[Product] = [(((out, inp),), lambda w: F.linear(x, w[0]))]  # (tokens, out)
+    for rank in ranks:
+        products.append(
+            (
+                ((out, rank), (rank, inp)),  # left, right
+                lambda w: F.linear(F.linear(x, w[1]), w[0]),  # (tokens, rank) -> (tokens, out)
+            )
+        )
+    return products
 
 
 def measure_costs(
@@ -179,17 +176,14 @@ def measure_costs(
     by_shape: dict[tuple[int, int], list[int]] = {}
     for out, inp, rank in shapes:
         by_shape.setdefault((out, inp), []).append(rank)
-    costs = {}
     pool = WeightPool(max((o * i + r * (o + i) for o, i, r in shapes), default=0))
+    costs = {}
     for (out, inp), ranks in by_shape.items():
         grid = grid_ranks(ranks, points)
         for t in tokens:
-            repeats = 5 if t > 64 else 15
-            costs[(out, inp, t)] = ShapeCosts(
-                dense=time_dense(pool, out, inp, t, repeats),
-                ranks=grid,
-                factored=tuple(time_factored(pool, out, inp, r, t, repeats) for r in grid),
-            )
+            repeats = 3 if t > 64 else 7
+            dense, *factored = fastest_seconds(pool, shape_products(out, inp, grid, t), repeats)
+            costs[(out, inp, t)] = ShapeCosts(dense, grid, tuple(factored))
     return CostTable(costs)
 
 
