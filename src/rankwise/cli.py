@@ -46,6 +46,9 @@ def compress_cmd(
     importance_samples: Annotated[
         int | None, typer.Option(help="windows for the importance pass")
     ] = None,
+    merge_policy: Annotated[
+        str | None, typer.Option(help="at load: auto | never | always (merge to dense)")
+    ] = None,
     recipe: Annotated[Path | None, typer.Option(help="recipe YAML; flags override it")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="measure perplexity")] = False,
@@ -72,6 +75,7 @@ def compress_cmd(
         stats=stats,
         importance_estimator=importance_estimator,
         importance_samples=importance_samples,
+        merge_policy=merge_policy,
     )
     figures = run_compress(chosen, out, overwrite, evaluate, eval_windows, trust_remote_code)
     if json_out:
