@@ -136,6 +136,7 @@ def test_merged_model_matches_factorized() -> None:
 def test_auto_policy_follows_the_cost_function() -> None:
     model = compressed()
     expected = model_output(model, IDS)
+
     # a cost under which only the MLP's factors pay
     def cost(out: int, inp: int, rank: int, tokens: int) -> tuple[float, float]:
         return (1.0, 0.5) if max(out, inp) == 128 else (1.0, 2.0)
@@ -188,10 +189,12 @@ def test_bench_command_writes_json(tmp_path: Path) -> None:
     make_model("llama").save_pretrained(dense)
     figures = tmp_path / "speed.json"
     args = ["bench", out, "--vs", str(dense), "--repeats", "1", "--threads", "1"]
-    result = CliRunner().invoke(app, [*args, "--no-memory", "--json", str(figures)])
+    result = CliRunner().invoke(app, [*args, "--json", str(figures)])
     assert result.exit_code == 0, result.output
     data = json.loads(figures.read_text())
     assert [row["workload"] for row in data["rows"]] == [w.name for w in WORKLOADS]
     for row in data["rows"]:
         assert row["model_tps"] > 0 and row["reference_tps"] > 0 and row["bound"] > 1.0
     assert "prefill 1x512" in result.output
+    memory = data["memory_mb"]
+    assert memory["model"]["peak_mb"] > 0 and memory["reference"]["peak_mb"] > 0

@@ -210,22 +210,25 @@ def compare(
 
 
 _PEAK_SCRIPT = """
-import json, resource, sys, torch
+import json, os, resource, sys, torch
 torch.set_num_threads({threads})
 from rankwise.models import load_model
 from rankwise.io import is_compressed_dir, load_compressed
 from rankwise.speed import WORKLOADS, make_runner, vocab_size, workload_ids
+def resident_kib():  # now, not the peak: the imports' own transient peak is not the model's
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
 spec, policy = {spec!r}, {policy!r}
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = resident_kib()
 if policy and is_compressed_dir(spec):
     model = load_compressed(spec, merge_policy=policy).model
 else:
     model = load_model(spec).model
-loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+loaded = resident_kib()
 run = make_runner(model)
 for work in WORKLOADS:
     run(work, workload_ids(work, vocab_size(model)))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, loaded)
 print(json.dumps({{"loaded_mb": (loaded - before) / 1024, "peak_mb": (peak - before) / 1024}}))
 """
 
@@ -233,7 +236,8 @@ print(json.dumps({{"loaded_mb": (loaded - before) / 1024, "peak_mb": (peak - bef
 def peak_memory(spec: str, policy: str | None, threads: int) -> dict[str, float]:
     """Resident memory a fresh process adds loading `spec` and running every workload once.
 
-    A process's peak is monotone, so each model gets its own process (MiB above the imports).
+    A process's peak is monotone, so each model gets its own process (MiB above the imports;
+    Linux, it reads /proc/self/statm).
     """
     script = _PEAK_SCRIPT.format(spec=spec, policy=policy, threads=threads)
     done = subprocess.run(
@@ -287,6 +291,14 @@ def bench(
 
     check_policy(merge_policy)
     torch.set_num_threads(threads)
+    memory_mb = (
+        {
+            "model": peak_memory(spec, merge_policy, threads),
+            "reference": peak_memory(vs, None, threads),
+        }
+        if memory
+        else None
+    )  # first: each in its own process, before this one holds both models
     model, reference = load_for_bench(spec), load_for_bench(vs)
     bound = bounds(model, reference)
     start = time.perf_counter()
@@ -310,11 +322,8 @@ def bench(
             "reference": parameter_bytes(reference) / 2**20,
         },
     }
-    if memory:
-        figures["memory_mb"] = {
-            "model": peak_memory(spec, merge_policy, threads),
-            "reference": peak_memory(vs, merge_policy, threads),
-        }
+    if memory_mb:
+        figures["memory_mb"] = memory_mb
     return figures
 
 
@@ -334,9 +343,8 @@ def speed_table(figures: dict[str, object]) -> list[list[str]]:
     memory = figures.get("memory_mb")
     if memory:
         model_mb, ref_mb = memory["model"]["peak_mb"], memory["reference"]["peak_mb"]
-        table.append(
-            ["peak memory MiB", f"{model_mb:.0f}", f"{ref_mb:.0f}", f"{model_mb / ref_mb:.2f}x", ""]
-        )
+        ratio = f"{model_mb / ref_mb:.2f}x" if ref_mb > 0 else ""
+        table.append(["peak memory MiB", f"{model_mb:.0f}", f"{ref_mb:.0f}", ratio, ""])
     params = figures["parameter_mb"]
     table.append(
         [
