@@ -27,7 +27,7 @@ from rankwise.policy import (
     plan_merges,
 )
 from rankwise.recipe import Recipe
-from rankwise.speed import WORKLOADS, Workload, workload_macs
+from rankwise.speed import WORKLOADS, BenchError, Workload, workload_macs
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
 
@@ -198,3 +198,15 @@ def test_bench_command_writes_json(tmp_path: Path) -> None:
     assert "prefill 1x512" in result.output
     memory = data["memory_mb"]
     assert memory["model"]["peak_mb"] > 0 and memory["reference"]["peak_mb"] > 0
+
+
+def test_bench_runs_only_the_named_workloads(tmp_path: Path) -> None:
+    out = saved(tmp_path)
+    figures = tmp_path / "speed.json"
+    args = ["bench", out, "--vs", out, "--repeats", "1", "--threads", "1", "--no-memory"]
+    result = CliRunner().invoke(app, [*args, "--only", "decode 1x64", "--json", str(figures)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(figures.read_text())["rows"]
+    assert [row["workload"] for row in rows] == ["decode 1x64"] and rows[0]["bound"] == 1.0
+    bad = CliRunner().invoke(app, [*args, "--only", "decode 2x2"])
+    assert isinstance(bad.exception, BenchError) and "decode 1x64" in str(bad.exception)

@@ -118,12 +118,25 @@ def bench_cmd(
     threads: Annotated[int, typer.Option(min=1, help="torch threads")] = 2,
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="peak memory")] = True,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile both")] = False,
+    only: Annotated[
+        str | None, typer.Option(help="comma-separated workloads, e.g. 'prefill 1x512'")
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write figures as JSON")] = None,
 ) -> None:
     """Prefill and decode tokens/s and peak memory of MODEL against --vs, with the bound."""
     from rankwise.commands import run_bench
+    from rankwise.policy import check_policy
+    from rankwise.speed import BenchOptions, select_workloads
 
-    figures = run_bench(model, vs, merge_policy, repeats, threads, memory, compile_model)
+    options = BenchOptions(
+        check_policy(merge_policy),
+        repeats,
+        threads,
+        memory,
+        compile_model,
+        select_workloads(_split(only)),
+    )
+    figures = run_bench(model, vs, options)
     if json_out:
         json_out.write_text(json.dumps(figures, indent=2))
 

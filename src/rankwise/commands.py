@@ -17,6 +17,7 @@ from rankwise.models import BUNDLED, Loaded, cache_dir, load_model
 from rankwise.progress import RichReporter
 from rankwise.recipe import Recipe
 from rankwise.report import layer_table, summary_table
+from rankwise.speed import BenchOptions
 
 console = Console()
 
@@ -168,28 +169,21 @@ def run_inspect(directory: Path) -> None:
     )
 
 
-def run_bench(
-    spec: str,
-    vs: str,
-    merge_policy: str,
-    repeats: int,
-    threads: int,
-    memory: bool,
-    compile_model: bool,
-) -> dict[str, object]:
+def run_bench(spec: str, vs: str, options: BenchOptions) -> dict[str, object]:
     """Time SPEC against VS, print the table, return the figures."""
     from rich.table import Table
 
     from rankwise.speed import bench, speed_table
 
-    figures = bench(spec, vs, merge_policy, repeats, threads, memory, compile_model)
+    figures = bench(spec, vs, options)
     header, *rows = speed_table(figures)
-    table = Table(*header, title=f"{spec} vs {vs} ({threads} threads, median of {repeats})")
+    title = f"{spec} vs {vs} ({options.threads} threads, median of {options.repeats})"
+    table = Table(*header, title=title)
     for row in rows:
         table.add_row(*row)
     console.print(table)
     console.print(
-        f"merge policy {merge_policy}: {len(figures['merged_layers'])} layers merged, "
+        f"merge policy {options.merge_policy}: {len(figures['merged_layers'])} layers merged, "
         f"{figures['factorized_layers']} factorized ({figures['policy_seconds']:.1f}s)"
     )
     return figures

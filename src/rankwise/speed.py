@@ -214,11 +214,11 @@ import json, os, resource, sys, torch
 torch.set_num_threads({threads})
 from rankwise.models import load_model
 from rankwise.io import is_compressed_dir, load_compressed
-from rankwise.speed import WORKLOADS, make_runner, vocab_size, workload_ids
+from rankwise.speed import make_runner, select_workloads, vocab_size, workload_ids
 def resident_kib():  # now, not the peak: the imports' own transient peak is not the model's
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
-spec, policy = {spec!r}, {policy!r}
+spec, policy, names = {spec!r}, {policy!r}, {names!r}
 before = resident_kib()
 if policy and is_compressed_dir(spec):
     model = load_compressed(spec, merge_policy=policy).model
@@ -226,20 +226,23 @@ else:
     model = load_model(spec).model
 loaded = resident_kib()
 run = make_runner(model)
-for work in WORKLOADS:
+for work in select_workloads(names):
     run(work, workload_ids(work, vocab_size(model)))
 peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, loaded)
 print(json.dumps({{"loaded_mb": (loaded - before) / 1024, "peak_mb": (peak - before) / 1024}}))
 """
 
 
-def peak_memory(spec: str, policy: str | None, threads: int) -> dict[str, float]:
+def peak_memory(
+    spec: str, policy: str | None, threads: int, workloads: tuple[Workload, ...] = WORKLOADS
+) -> dict[str, float]:
     """Resident memory a fresh process adds loading `spec` and running every workload once.
 
     A process's peak is monotone, so each model gets its own process (MiB above the imports;
     Linux, it reads /proc/self/statm).
     """
-    script = _PEAK_SCRIPT.format(spec=spec, policy=policy, threads=threads)
+    names = [w.name for w in workloads]
+    script = _PEAK_SCRIPT.format(spec=spec, policy=policy, threads=threads, names=names)
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
     )
@@ -277,45 +280,61 @@ def load_for_bench(spec: str) -> nn.Module:
     return model
 
 
-def bench(
-    spec: str,
-    vs: str = "default",
-    merge_policy: str = "auto",
-    repeats: int = 5,
-    threads: int = 2,
-    memory: bool = True,
-    compile_model: bool = False,
-) -> dict[str, object]:
+@dataclass(frozen=True)
+class BenchOptions:
+    """How `rankwise bench` measures (every CLI flag but the two models)."""
+
+    merge_policy: str = "auto"
+    repeats: int = 5
+    threads: int = 2
+    memory: bool = True
+    compile_model: bool = False
+    workloads: tuple[Workload, ...] = WORKLOADS
+
+
+def select_workloads(names: list[str] | None) -> tuple[Workload, ...]:
+    """The workloads named (all when None), refusing unknown names."""
+    if not names:
+        return WORKLOADS
+    known = {w.name: w for w in WORKLOADS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise BenchError(f"unknown workload {unknown[0]!r}: choose from {', '.join(known)}")
+    return tuple(known[n] for n in names)
+
+
+def bench(spec: str, vs: str = "default", options: BenchOptions | None = None) -> dict[str, object]:
     """Everything `rankwise bench` reports, as plain data (JSON-ready)."""
     from rankwise.policy import apply_merge_policy, check_policy
 
-    check_policy(merge_policy)
-    torch.set_num_threads(threads)
+    opts = options or BenchOptions()
+    check_policy(opts.merge_policy)
+    torch.set_num_threads(opts.threads)
     memory_mb = (
         {
-            "model": peak_memory(spec, merge_policy, threads),
-            "reference": peak_memory(vs, None, threads),
+            "model": peak_memory(spec, opts.merge_policy, opts.threads, opts.workloads),
+            "reference": peak_memory(vs, opts.merge_policy, opts.threads, opts.workloads),
         }
-        if memory
+        if opts.memory
         else None
     )  # first: each in its own process, before this one holds both models
     model, reference = load_for_bench(spec), load_for_bench(vs)
-    bound = bounds(model, reference)
+    bound = bounds(model, reference, opts.workloads)
     start = time.perf_counter()
-    merged = apply_merge_policy(model, merge_policy)
-    apply_merge_policy(reference, merge_policy)  # a compressed reference gets the same policy
+    merged = apply_merge_policy(model, opts.merge_policy)
+    apply_merge_policy(reference, opts.merge_policy)  # a compressed reference: the same policy
     policy_seconds = time.perf_counter() - start
-    rows = compare(model, reference, bound, repeats=repeats, compile_model=compile_model)
+    rows = compare(model, reference, bound, opts.workloads, opts.repeats, opts.compile_model)
     figures: dict[str, object] = {
         "model": spec,
         "reference": vs,
-        "threads": threads,
-        "repeats": repeats,
-        "merge_policy": merge_policy,
+        "threads": opts.threads,
+        "repeats": opts.repeats,
+        "merge_policy": opts.merge_policy,
         "merged_layers": merged,
         "factorized_layers": sum(isinstance(m, LowRankLinear) for m in model.modules()),
         "policy_seconds": policy_seconds,
-        "compile": compile_model,
+        "compile": opts.compile_model,
         "rows": rows_as_dicts(rows),
         "parameter_mb": {
             "model": parameter_bytes(model) / 2**20,
