@@ -27,7 +27,7 @@ from rankwise.policy import (
     plan_merges,
 )
 from rankwise.recipe import Recipe
-from rankwise.speed import WORKLOADS, BenchError, Workload, workload_macs
+from rankwise.speed import WORKLOADS, BenchError, Workload, round_order, workload_macs
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
 
@@ -181,6 +181,11 @@ def test_macs_shrink_with_factors_and_count_the_head_once_per_logit() -> None:
     prefill = Workload("p", "prefill", 1, 4)
     decode = Workload("d", "decode", 1, 4, prompt=1)  # 4 single-token forwards, 4 logits
     assert workload_macs(dense, prefill) == workload_macs(dense, decode)
+
+
+def test_runs_alternate_in_both_orders() -> None:
+    orders = [round_order(["model", "reference"], r) for r in range(4)]
+    assert orders == [["model", "reference"], ["reference", "model"]] * 2
 
 
 def test_bench_command_writes_json(tmp_path: Path) -> None:

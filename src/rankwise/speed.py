@@ -106,15 +106,22 @@ def timed(fn: Callable[[], None]) -> float:
 def alternate(
     runners: dict[str, Runner], work: Workload, repeats: int, vocab: int
 ) -> dict[str, list[float]]:
-    """Seconds per run for each model, runs interleaved after one warm-up each."""
+    """Seconds per run for each model, runs interleaved (ABBA) after one warm-up each."""
     ids = workload_ids(work, vocab)
     for run in runners.values():
         run(work, ids)
     seconds: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            seconds[name].append(timed(lambda run=run: run(work, ids)))
+    for round_ in range(repeats):
+        for name in round_order(list(runners), round_):
+            seconds[name].append(timed(lambda run=runners[name]: run(work, ids)))
     return seconds
+
+
+def round_order(names: list[str], round_: int) -> list[str]:
+    """A B, then B A, ...: whatever a run leaves behind (allocator state, caches, a neighbour's
+    burst) falls on each model as often as on the other. A fixed order measured two copies of the
+    same dense model 0.70x and 1.20x apart on this machine."""
+    return names if round_ % 2 == 0 else names[::-1]
 
 
 def linear_macs(model: nn.Module) -> tuple[int, int]:
