@@ -64,10 +64,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--only", help="comma-separated workloads (rankwise bench --only)")
+    parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "speed.md")
     parser.add_argument("--append", action="store_true", help="add to an existing --out")
     args = parser.parse_args()
     extra = ["--compile"] if args.compile else []
+    extra += ["--only", args.only] if args.only else []
+    extra += ["--no-memory"] if args.no_memory else []
     results = []
     for config in args.configs:
         model, _, policy = config.partition(":")
@@ -86,7 +90,7 @@ def main() -> None:
     raw = args.out.with_suffix(".json")
     sections = "\n".join(markdown(f) for f in results)
     if args.append and args.out.is_file():
-        results = json.loads(raw.read_text()) + results
+        results = (json.loads(raw.read_text()) if raw.is_file() else []) + results
         sections = (
             args.out.read_text()
             + f"\n`python bench/speed.py {' '.join(sys.argv[1:])}`\n\n"
