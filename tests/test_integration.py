@@ -90,7 +90,7 @@ def test_saved_model_loads_in_a_separate_process(run: dict, tmp_path: Path) -> N
         from rankwise.layers import LowRankLinear
 
         expected = torch.load({str(expected)!r}, weights_only=True)
-        model = rankwise.load({str(run["out"])!r})
+        model = rankwise.load({str(run["out"])!r}, merge_policy="never")
         assert any(isinstance(m, LowRankLinear) for m in model.modules())
         assert count_parameters(model) == int(expected["params"]), count_parameters(model)
         with torch.no_grad():
@@ -144,7 +144,7 @@ def test_cli_compress_and_eval(tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr[-3000:]
     assert (tmp_path / "D" / "config.json").is_file()
     assert (tmp_path / "D" / "tokenizer.json").is_file()
-    model = rankwise.load(tmp_path / "D")
+    model = rankwise.load(tmp_path / "D", merge_policy="never")
     assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 30 * 7
 
     evaluated = cli("eval", "D", "--windows", "1", "--streams", "bbc", "--json", "F")

@@ -41,6 +41,7 @@ def save(
         "recovery": (
             {k: v for k, v in result.recovery.items() if k != "losses"} if result.recovery else None
         ),
+        "merge_policy": result.recipe.merge_policy,
         # A list, not a mapping: config.json is written with sorted keys, and the per-layer
         # table should read in model order.
         "targets": [

@@ -1,4 +1,4 @@
-"""The `rankwise` command: compress, eval, inspect, report.
+"""The `rankwise` command: compress, recover, truncate, eval, inspect, report, bench.
 
 Every flag maps onto a Recipe field; `--recipe r.yaml` loads one and flags override it.
 User mistakes print one line `error: ...` and exit 2, with nothing written.
@@ -51,6 +51,9 @@ def compress_cmd(
     ] = None,
     recover_lr: Annotated[float | None, typer.Option(help="recovery peak learning rate")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted recovery")] = False,
+    merge_policy: Annotated[
+        str | None, typer.Option(help="at load: auto | never | always (merge to dense)")
+    ] = None,
     recipe: Annotated[Path | None, typer.Option(help="recipe YAML; flags override it")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="measure perplexity")] = False,
@@ -78,6 +81,7 @@ def compress_cmd(
         importance_estimator=importance_estimator,
         importance_samples=importance_samples,
         recover={"steps": recover_steps, "lr": recover_lr},
+        merge_policy=merge_policy,
     )
     figures = run_compress(
         chosen, out, overwrite, evaluate, eval_windows, trust_remote_code, resume
@@ -213,6 +217,38 @@ def report_cmd(
     from rankwise.commands import run_report
 
     run_report(directories, out, overwrite, figures, eval_windows, _split(layers))
+
+
+@app.command("bench")
+def bench_cmd(
+    model: Annotated[str, typer.Argument(help="compressed DIR (or 'default', a HF dir)")],
+    vs: Annotated[str, typer.Option(help="reference: 'default' or a directory")] = "default",
+    merge_policy: Annotated[str, typer.Option(help="auto | never | always")] = "auto",
+    repeats: Annotated[int, typer.Option(min=1, help="timed runs per model and workload")] = 5,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads")] = 2,
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="peak memory")] = True,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile both")] = False,
+    only: Annotated[
+        str | None, typer.Option(help="comma-separated workloads, e.g. 'prefill 1x512'")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write figures as JSON")] = None,
+) -> None:
+    """Prefill and decode tokens/s and peak memory of MODEL against --vs, with the bound."""
+    from rankwise.commands import run_bench
+    from rankwise.policy import check_policy
+    from rankwise.speed import BenchOptions, select_workloads
+
+    options = BenchOptions(
+        check_policy(merge_policy),
+        repeats,
+        threads,
+        memory,
+        compile_model,
+        select_workloads(_split(only)),
+    )
+    figures = run_bench(model, vs, options)
+    if json_out:
+        json_out.write_text(json.dumps(figures, indent=2))
 
 
 def main() -> None:

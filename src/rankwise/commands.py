@@ -21,6 +21,7 @@ from rankwise.progress import RichReporter
 from rankwise.recipe import Recipe
 from rankwise.recovery import recover_model
 from rankwise.report import layer_table, summary_table
+from rankwise.speed import BenchOptions
 
 console = Console()
 
@@ -228,3 +229,23 @@ def run_report(
     index = html_report.write_report(runs, out, others, layers)
     console.print(f"report written to {index}")
     return index
+
+
+def run_bench(spec: str, vs: str, options: BenchOptions) -> dict[str, object]:
+    """Time SPEC against VS, print the table, return the figures."""
+    from rich.table import Table
+
+    from rankwise.speed import bench, speed_table
+
+    figures = bench(spec, vs, options)
+    header, *rows = speed_table(figures)
+    title = f"{spec} vs {vs} ({options.threads} threads, median of {options.repeats})"
+    table = Table(*header, title=title)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        f"merge policy {options.merge_policy}: {len(figures['merged_layers'])} layers merged, "
+        f"{figures['factorized_layers']} factorized ({figures['policy_seconds']:.1f}s)"
+    )
+    return figures

@@ -21,6 +21,7 @@ from rankwise.atomic import atomic_directory
 from rankwise.errors import ModelNotFoundError, OutputExistsError, OutputNotWritableError
 from rankwise.layers import LowRankLinear, SparseLowRankLinear
 from rankwise.models import Loaded, load_tokenizer, model_class_for, set_module
+from rankwise.policy import apply_merge_policy
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -116,8 +117,13 @@ def is_compressed_dir(path: str | Path) -> bool:
     return "rankwise" in json.loads(config.read_text())
 
 
-def load_compressed(path: str | Path) -> Loaded:
-    """Rebuild the architecture, install the factors, load the weights. Eval mode, fp32."""
+def load_compressed(path: str | Path, merge_policy: str | None = "never") -> Loaded:
+    """Rebuild the architecture, install the factors, load the weights. Eval mode, fp32.
+
+    Then apply the merge policy (None: the saved recipe's, else "auto"): layers whose factors are
+    slower than their dense product on this machine are merged back. The default "never" keeps
+    the model as stored, so `eval` and `inspect` report its parameters as saved.
+    """
     from transformers import AutoConfig
 
     path = Path(path)
@@ -144,7 +150,9 @@ def load_compressed(path: str | Path) -> Loaded:
         )
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    return Loaded(model.float().eval(), load_tokenizer(path), str(path))
+    model = model.float().eval()
+    apply_merge_policy(model, merge_policy or str(block.get("merge_policy") or "auto"))
+    return Loaded(model, load_tokenizer(path), str(path))
 
 
 def _tied_keys(model: nn.Module) -> set[str]:
@@ -158,9 +166,14 @@ def _tied_keys(model: nn.Module) -> set[str]:
     return tied
 
 
-def load(path: str | Path) -> nn.Module:
-    """`rankwise.load(DIR)`: a transformers model ready for generate, pipeline and lm-eval."""
-    return load_compressed(path).model
+def load(path: str | Path, merge_policy: str | None = None) -> nn.Module:
+    """`rankwise.load(DIR)`: a transformers model ready for generate, pipeline and lm-eval.
+
+    `merge_policy`: "auto" (measured per layer, ~1 s: factors only where faster than dense on this
+    machine), "never" (keep every factor), "always" (all dense); None takes the one saved with the
+    model's recipe (default "auto"). Merged layers are plain nn.Linear.
+    """
+    return load_compressed(path, merge_policy).model
 
 
 def directory_bytes(path: str | Path) -> int:

@@ -95,6 +95,9 @@ class Recipe(BaseModel):
     # it by the layer's total (every layer's relative error counts the same)
     importance_estimator: Literal["fisher", "output_error", "relative"] = "fisher"
     recover: RecoverConfig = Field(default_factory=RecoverConfig)
+    # at load time: keep a layer factorized only where that is faster on the loading machine
+    # ("auto", measured), always ("never" merge), or run everything dense ("always")
+    merge_policy: Literal["auto", "never", "always"] = "auto"
     # method options
     eig_floor: float = Field(default=1e-6, gt=0.0, lt=1.0)
     seed: int = 0
