@@ -44,7 +44,7 @@ class RecoverConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     steps: int = Field(default=0, ge=0)  # 0: no recovery
-    lr: float = Field(default=3e-4, gt=0.0)
+    lr: float = Field(default=2e-4, gt=0.0)  # measured: bench/results/recover.md
     batch_size: int = Field(default=2, ge=1)  # windows per step
     seq_len: int = Field(default=256, ge=2)
     windows: int = Field(default=512, ge=1)  # training windows, cut from `calib`'s calib split
