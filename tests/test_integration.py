@@ -177,7 +177,7 @@ def test_recovery_moves_the_real_model_toward_the_teacher(run: dict) -> None:
     from rankwise.recover import distill_loss
 
     teacher = rankwise.load_model("default").model
-    student = rankwise.load(run["out"])
+    student = rankwise.load_model(str(run["out"])).model  # as stored: factorized
     train = data.calibration_windows(run["tokenizer"], "bbc", 8, 128)
     held_out = run["windows"][:, :256]
 
@@ -186,7 +186,7 @@ def test_recovery_moves_the_real_model_toward_the_teacher(run: dict) -> None:
             return float(distill_loss(student(held_out).logits, teacher(held_out).logits))
 
     before = kl()
-    config = rankwise.RecoverConfig(steps=8, lr=3e-4, batch_size=2, seq_len=128, warmup=0.0)
+    config = rankwise.RecoverConfig(steps=8, lr=5e-5, batch_size=2, seq_len=128, warmup=0.25)
     log = rankwise.recover(student, teacher, train, config)
     assert len(log.losses) == 8 and all(math.isfinite(x) for x in log.losses)
     assert kl() < 0.95 * before
