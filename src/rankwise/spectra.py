@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from rankwise.io import WEIGHTS
+from rankwise.truncate import product_core
 
 if TYPE_CHECKING:
     from rankwise.html_report import Run
@@ -23,9 +24,8 @@ SPECTRA_LAYERS = 4
 def factor_spectrum(left: torch.Tensor, right: torch.Tensor) -> np.ndarray:
     """Singular values of left @ right without forming it: with left = Ql Rl and right^T = Qr Rr,
     left @ right = Ql (Rl Rr^T) Qr^T, so they are those of the small (rank, rank) Rl Rr^T."""
-    r_left = torch.linalg.qr(left.double())[1]  # (rank, rank)
-    r_right = torch.linalg.qr(right.double().T)[1]  # (rank, rank)
-    return torch.linalg.svdvals(r_left @ r_right.T).numpy()  # (rank,)
+    core = product_core(left, right)[1]  # (rank, rank)
+    return torch.linalg.svdvals(core).numpy()  # (rank,)
 
 
 def select_layers(run: Run, count: int = SPECTRA_LAYERS) -> list[str]:

@@ -20,13 +20,23 @@ from rankwise.methods.base import split_singular
 from rankwise.models import set_module
 
 
+def product_core(
+    left: torch.Tensor, right: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """left @ right = q_left @ core @ q_right^T with orthonormal q's: (q_left, core, q_right).
+
+    The small (rank, rank) core has the product's singular values (used by the report too)."""
+    q_left, r_left = torch.linalg.qr(left.double())  # (out, rank), (rank, rank)
+    q_right, r_right = torch.linalg.qr(right.double().T)  # (in, rank), (rank, rank)
+    return q_left, r_left @ r_right.T, q_right  # (out, rank), (rank, rank), (in, rank)
+
+
 def product_svd(
     left: torch.Tensor, right: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD of left @ right (out, rank) @ (rank, in) through the factors' QR: (u, s, vh)."""
-    q_left, r_left = torch.linalg.qr(left.double())  # (out, rank), (rank, rank)
-    q_right, r_right = torch.linalg.qr(right.double().T)  # (in, rank), (rank, rank)
-    u_core, s, vh_core = torch.linalg.svd(r_left @ r_right.T)  # (rank, rank) each, s (rank,)
+    q_left, core, q_right = product_core(left, right)
+    u_core, s, vh_core = torch.linalg.svd(core)  # (rank, rank) each, s (rank,)
     return q_left @ u_core, s, vh_core @ q_right.T  # (out, rank), (rank,), (rank, in)
 
 
