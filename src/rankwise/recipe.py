@@ -46,7 +46,7 @@ class RecoverConfig(BaseModel):
     steps: int = Field(default=0, ge=0)  # 0: no recovery
     lr: float = Field(default=2e-4, gt=0.0)  # measured: bench/results/recover.md
     batch_size: int = Field(default=2, ge=1)  # windows per step
-    seq_len: int = Field(default=256, ge=2)
+    seq_len: int = Field(default=192, ge=2)  # 200 steps fit in 10 min (bench/results/recover.md)
     windows: int = Field(default=512, ge=1)  # training windows, cut from `calib`'s calib split
     calib: str | None = None  # None: the compression's calibration text
     warmup: float = Field(default=0.1, ge=0.0, lt=1.0)  # fraction of steps warming up linearly
