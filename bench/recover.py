@@ -21,8 +21,9 @@ import torch
 from rankwise import data, evaluate
 from rankwise.io import load_compressed, save_compressed
 from rankwise.models import load_model
-from rankwise.recipe import Recipe, RecoverConfig
+from rankwise.recipe import RecoverConfig
 from rankwise.recover import recover
+from rankwise.recovery import saved_recipe
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -100,8 +101,7 @@ def main() -> None:
     torch.set_num_threads(2)
 
     student = load_compressed(args.source)
-    recipe_file = Path(args.source) / "recipe.yaml"
-    recipe = Recipe.from_yaml(recipe_file) if recipe_file.is_file() else Recipe()
+    recipe = saved_recipe(args.source)
     changes = dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                    seq_len=args.seq_len, hidden_weight=args.hidden_weight)  # fmt: skip
     recipe = recipe.merged(recover=changes)

@@ -24,6 +24,12 @@ from rankwise.recover import recover
 console = Console()
 
 
+def saved_recipe(directory: str | Path) -> Recipe:
+    """The recipe a compressed directory was made with (the default one if it has none)."""
+    recipe_file = Path(directory) / "recipe.yaml"
+    return Recipe.from_yaml(recipe_file) if recipe_file.is_file() else Recipe()
+
+
 def checkpoints_for(out: Path, recipe: Recipe) -> Checkpoints:
     """Checkpoints live beside the output (`.NAME.recover`) until the model is saved."""
     fingerprint = recipe.model_dump(mode="json", exclude={"stats"})
@@ -79,8 +85,7 @@ def run_recover(
     if not is_compressed_dir(directory):
         raise ModelNotFoundError(f"not a rankwise model directory: {directory}")
     block = json.loads((Path(directory) / "config.json").read_text())["rankwise"]
-    recipe_file = Path(directory) / "recipe.yaml"
-    recipe = Recipe.from_yaml(recipe_file) if recipe_file.is_file() else Recipe()
+    recipe = saved_recipe(directory)
     recipe = recipe.merged(recover=settings)
     teacher_spec = teacher_spec or block.get("source_model") or recipe.model
     reporter = RichReporter()
@@ -138,8 +143,7 @@ def run_truncate(
         model_params_after=count_parameters(loaded.model),
         model_ratio=1 - count_parameters(loaded.model) / int(block["model_params_before"]),
     )
-    recipe_file = Path(directory) / "recipe.yaml"
-    recipe = Recipe.from_yaml(recipe_file) if recipe_file.is_file() else Recipe()
+    recipe = saved_recipe(directory)
     recipe_yaml = recipe.merged(ratio=ratio).to_yaml()
     saved = save_compressed(loaded.model, out, loaded.tokenizer, recipe_yaml, info, overwrite)
     console.print(
