@@ -10,6 +10,7 @@ import rankwise
 from rankwise.allocate import LayerShape, allocate_importance, targeted_params
 from rankwise.calibrate import Statistics
 from rankwise.errors import RatioError
+from rankwise.layers import LowRankLinear
 from rankwise.recipe import LayerOverride, Recipe
 
 # Large enough that one rank step is well under 0.5% of the budget.
@@ -107,6 +108,34 @@ def test_importance_compress_meets_the_budget(sequential: bool) -> None:
     result = importance_run(make_model("llama"), sequential=sequential)
     assert 0.5 <= result.targeted_ratio <= 0.505
     assert all(layer.est_loss is not None for layer in result.layers)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_second_round_weighs_layers_by_the_compressed_models_fisher(
+    sequential: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 2 measures the output Fisher on the model round 1 compressed (factors in place),
+    re-allocates, and compresses again from the dense weights, within the same budget."""
+    import rankwise.plan as plan
+
+    seen: list[bool] = []
+    measure = plan.calibrate.collect_output_fisher
+
+    def spy(model: torch.nn.Module, *args: object, **kwargs: object) -> dict:
+        seen.append(any(isinstance(m, LowRankLinear) for m in model.modules()))
+        return measure(model, *args, **kwargs)
+
+    monkeypatch.setattr(plan.calibrate, "collect_output_fisher", spy)
+    model = make_model("llama")
+    result = importance_run(model, importance_rounds=2, sequential=sequential)
+    assert seen[-1] is True  # the last Fisher was measured on a compressed model
+    assert 0.5 <= result.targeted_ratio <= 0.505
+    for name, rank in result.ranks.items():  # the dense layers of round 1 were replaced again
+        module = result.model.get_submodule(name)
+        assert (rank is None) == (not isinstance(module, LowRankLinear))
+        assert rank is None or module.rank == rank
+    with torch.no_grad():
+        assert torch.isfinite(result.model(make_windows(2, 16)).logits).all()
 
 
 def test_importance_compress_is_deterministic() -> None:

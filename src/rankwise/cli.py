@@ -46,6 +46,9 @@ def compress_cmd(
     importance_samples: Annotated[
         int | None, typer.Option(help="windows for the importance pass")
     ] = None,
+    importance_rounds: Annotated[
+        int | None, typer.Option(help="1 | 2 (2: reallocate by the Fisher of the round-1 model)")
+    ] = None,
     recover_steps: Annotated[
         int | None, typer.Option(help="distillation steps after compressing (0: none)")
     ] = None,
@@ -80,6 +83,7 @@ def compress_cmd(
         stats=stats,
         importance_estimator=importance_estimator,
         importance_samples=importance_samples,
+        importance_rounds=importance_rounds,
         recover={"steps": recover_steps, "lr": recover_lr},
         merge_policy=merge_policy,
     )

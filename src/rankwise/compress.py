@@ -12,16 +12,22 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rankwise import calibrate, importance
-from rankwise.allocate import LayerShape, allocate_uniform, targeted_params
+from rankwise import calibrate
+from rankwise.allocate import LayerShape, targeted_params
 from rankwise.blockwise import in_one_block_list
-from rankwise.calibrate import Statistics
 from rankwise.csr import csr_params
 from rankwise.errors import NonFiniteWeightsError
 from rankwise.gather import gather_statistics, resolve_windows
 from rankwise.layers import LowRankLinear, SparseLowRankLinear
 from rankwise.methods import Factors, LayerStats, Method, MethodOptions, get_method
 from rankwise.models import as_linear, find_targets, linear_weight, set_module
+from rankwise.plan import (
+    Plan,
+    allocation_possible,
+    needs_output_fisher,
+    originals,
+    restore,
+)
 from rankwise.progress import Reporter, Timer
 from rankwise.recipe import Recipe
 
@@ -194,23 +200,37 @@ def compress(
     params_before = count_parameters(model)
     shapes = {n: LayerShape(n, *linear_weight(model.get_submodule(n)).shape) for n in names}
     plan = Plan(model, names, shapes, method, recipe, reporter, timer)
+    rounds = plan.rounds()
+    dense_targets = originals(model, names) if rounds > 1 else {}
+
+    def new_round(round_: int, windows: torch.Tensor) -> dict[str, int | None]:
+        ranks = plan.reallocate(windows, round_)  # Fisher of the model as compressed now
+        restore(model, dense_targets)
+        return ranks
 
     if sequential_applies(model, names, method, recipe, reporter):
         windows = resolve_windows(recipe, tokenizer, windows, reporter)
         ranks = plan.ranks(windows=windows)
-        with reporter.task("factorizing", total=len(shapes)) as advance:
-            loop = plan.loop(ranks, advance)
-            with timer.phase("calibrate+factorize"):
-                compress_sequential(model, names, shapes, loop, recipe, windows)
+        for round_ in range(1, rounds + 1):
+            ranks = new_round(round_, windows) if round_ > 1 else ranks
+            with reporter.task("factorizing", total=len(shapes)) as advance:
+                loop = LayerLoop(model, method, recipe, reporter, ranks, advance)
+                with timer.phase("calibrate+factorize"):
+                    compress_sequential(model, names, shapes, loop, recipe, windows)
     else:
         needs = method.needs | ({"output_fisher"} if needs_output_fisher(recipe) else set())
         with timer.phase("calibrate"):
             stats = gather_statistics(model, names, needs, recipe, tokenizer, windows, reporter)
         ranks = plan.ranks(stats=stats)
-        with reporter.task("factorizing", total=len(shapes)) as advance, timer.phase("factorize"):
-            loop = plan.loop(ranks, advance)
-            for name in names:
-                loop(shapes[name], stats.layers[name])
+        for round_ in range(1, rounds + 1):
+            if round_ > 1:
+                windows = resolve_windows(recipe, tokenizer, windows, reporter)
+                ranks = new_round(round_, windows)
+            with reporter.task("factorizing", total=len(shapes)) as advance:
+                loop = LayerLoop(model, method, recipe, reporter, ranks, advance)
+                with timer.phase("factorize"):
+                    for name in names:
+                        loop(shapes[name], stats.layers[name])
 
     reports = [loop.reports[n] for n in names]
     dense, _ = targeted_params(list(shapes.values()), ranks)
@@ -224,96 +244,6 @@ def compress(
     return Compressed(
         model, recipe, reports, params_before, count_parameters(model), dense, kept, timer.seconds
     )
-
-
-@dataclass
-class Plan:
-    """Chooses ranks (uniform, or importance from spectra and output Fisher) for one run."""
-
-    model: nn.Module
-    names: list[str]
-    shapes: dict[str, LayerShape]
-    method: Method
-    recipe: Recipe
-    reporter: Reporter
-    timer: Timer
-    gains: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def ranks(
-        self, stats: Statistics | None = None, windows: torch.Tensor | None = None
-    ) -> dict[str, int | None]:
-        """With `stats` (one pass) spectra come from them; else from a dense blockwise pass."""
-        recipe = self.recipe
-        if recipe.allocation == "uniform":
-            with self.timer.phase("allocate"):
-                return allocate_uniform(list(self.shapes.values()), recipe.ratio, recipe.overrides)
-        options = MethodOptions(eig_floor=recipe.eig_floor)
-        if stats is None:
-            stats, spectra = self._importance_statistics(windows, options)
-        else:
-            with self.timer.phase("spectra"):
-                spectra = importance.spectra_from_stats(
-                    self.model, self.names, self.method, stats, options
-                )
-        fisher = {n: stats.layers[n].output_fisher for n in self.names}
-        with self.timer.phase("allocate"):
-            ranks, self.gains = importance.allocate(self.shapes, spectra, fisher, recipe)
-        self.reporter.log(f"importance allocation in {self.timer.seconds['allocate']:.2f} s")
-        return ranks
-
-    def _importance_statistics(self, windows: torch.Tensor, options: MethodOptions) -> Statistics:
-        """Dense spectra and output Fisher on the first `importance_samples` windows."""
-        subset = importance.importance_windows(self.recipe, windows)
-        dtype = getattr(torch, self.recipe.calib_dtype)
-        blocks = calibrate.count_blocks(self.model, self.names)
-        fisher: dict[str, torch.Tensor] = {}
-        want_fisher = needs_output_fisher(self.recipe)
-        with self.reporter.task("importance", total=blocks + len(subset) * want_fisher) as advance:
-            with self.timer.phase("importance spectra"):
-                spectra = importance.spectra_blockwise(
-                    self.model, self.names, self.method, subset, dtype, options, advance
-                )
-            if want_fisher:
-                with self.timer.phase("importance fisher"):
-                    fisher = calibrate.collect_output_fisher(
-                        self.model, self.names, subset, dtype, advance
-                    )
-        stats = Statistics({n: LayerStats(output_fisher=fisher.get(n)) for n in self.names})
-        return stats, spectra
-
-    def loop(self, ranks: dict[str, int | None], advance: Callable[[int], None]) -> LayerLoop:
-        return LayerLoop(self.model, self.method, self.recipe, self.reporter, ranks, advance)
-
-    def estimated_loss(self, name: str, rank: int | None) -> float | None:
-        if name not in self.gains:
-            return None
-        return importance.estimated_loss(self.gains[name], rank)
-
-
-def allocation_possible(
-    model: nn.Module,
-    method: Method,
-    recipe: Recipe,
-    tokenizer: object | None,
-    windows: torch.Tensor | None,
-    reporter: Reporter,
-) -> Recipe:
-    """The recipe, with uniform allocation where importance cannot be measured: an encoder has
-    no LM loss to weigh layers by; a data-free method called without text has no calibration."""
-    if recipe.allocation != "importance":
-        return recipe
-    if needs_output_fisher(recipe) and not calibrate.has_lm_head(model):
-        reporter.log("no language-model loss to weigh layers by: uniform allocation")
-        return recipe.merged(allocation="uniform")
-    no_text = tokenizer is None and windows is None and not recipe.stats
-    if no_text and not method.needs:
-        reporter.log("no calibration text to measure importance: uniform allocation")
-        return recipe.merged(allocation="uniform")
-    return recipe
-
-
-def needs_output_fisher(recipe: Recipe) -> bool:
-    return recipe.allocation == "importance" and recipe.importance_estimator == "fisher"
 
 
 def sequential_applies(

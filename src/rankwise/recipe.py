@@ -94,6 +94,10 @@ class Recipe(BaseModel):
     # "fisher" weights it by the output Fisher, "output_error" takes it raw, "relative" divides
     # it by the layer's total (every layer's relative error counts the same)
     importance_estimator: Literal["fisher", "output_error", "relative"] = "fisher"
+    # importance rounds: 1 weighs layers by the dense model's output Fisher; 2 measures it again
+    # on the model round 1 compressed and compresses again (plan.py). A third round was measured
+    # worse than the second (the allocation oscillates: bench/results/allocation.md), so at most 2.
+    importance_rounds: int = Field(default=1, ge=1, le=2)
     recover: RecoverConfig = Field(default_factory=RecoverConfig)
     # at load time: keep a layer factorized only where that is faster on the loading machine
     # ("auto", measured), always ("never" merge), or run everything dense ("always")
