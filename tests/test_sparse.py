@@ -3,6 +3,7 @@ exists (outliers that low rank cannot hold)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -199,6 +200,32 @@ def test_forward_merge_and_weight_agree(with_bias: bool) -> None:
     torch.testing.assert_close(merged(x), layer(x), rtol=1e-5, atol=1e-4)
     assert layer.col_indices.dtype == torch.int16  # stored compact
     assert isinstance(layer, LowRankLinear)
+
+
+def test_a_bfloat16_copy_runs_as_sequential_calibration_makes_it() -> None:
+    """Sequential calibration runs compressed blocks in bfloat16; CPU CSR kernels have no
+    bfloat16, so the sparse term is applied in float32 and returned in the input's dtype."""
+    layer = sparse_layer()
+    x = torch.randn(2, 5, 48)
+    half = copy.deepcopy(layer).to(torch.bfloat16)
+    out = half(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    expected = layer(x)
+    assert (out.float() - expected).norm() / expected.norm() < 0.02  # bfloat16 rounding
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_sparse_compresses_with_bfloat16_calibration(sequential: bool) -> None:
+    recipe = Recipe(
+        method="sparse",
+        ratio=0.4,
+        calib_dtype="bfloat16",
+        sequential=sequential,
+        allocation="uniform",
+    )
+    result = rankwise.compress(with_outliers(make_model("llama")), recipe, windows=make_windows())
+    assert any(layer.nnz > 0 for layer in result.layers)
+    assert 0.4 <= result.targeted_ratio
 
 
 def test_loading_a_state_dict_refreshes_the_cached_matrix() -> None:

@@ -83,6 +83,12 @@ class LowRankLinear(nn.Module):
         )
 
 
+def _kernel(values: torch.Tensor) -> torch.Tensor:
+    """Values in a dtype torch's CPU CSR kernels multiply: bfloat16/float16 (a block copied to
+    the calibration dtype during sequential calibration) go to float32."""
+    return values if values.dtype in (torch.float32, torch.float64) else values.float()
+
+
 class SparseLowRankLinear(LowRankLinear):
     """y = left @ (right @ x) + S @ x + bias, with S (out, in) a sparse residual in CSR form.
 
@@ -134,14 +140,13 @@ class SparseLowRankLinear(LowRankLinear):
         # The cached CSR shares `values` and `crow_indices` (same dtypes); only the columns are
         # an int32 copy. Keyed by storage (a move or dtype change rebuilds it); loading, which
         # copies in place, drops it through the load hook.
+        shape = (self.out_features, self.in_features)
         if torch.is_grad_enabled() and self.values.requires_grad:
             # training (recovery): a fresh CSR each call, so the gradient reaches `values`
-            shape = (self.out_features, self.in_features)
-            return torch_csr(self.crow_indices, self.col_indices, self.values, shape)
+            return torch_csr(self.crow_indices, self.col_indices, _kernel(self.values), shape)
         key = tuple(t.data_ptr() for t in (self.values, self.crow_indices, self.col_indices))
         if self._matrix is None or self._matrix[0] != key:
-            shape = (self.out_features, self.in_features)
-            matrix = torch_csr(self.crow_indices, self.col_indices, self.values, shape)
+            matrix = torch_csr(self.crow_indices, self.col_indices, _kernel(self.values), shape)
             self._matrix = (key, matrix)
         return self._matrix[1]
 
