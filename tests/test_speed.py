@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import rankwise
 from rankwise.cli import app
-from rankwise.layers import LowRankLinear
+from rankwise.layers import LowRankLinear, SparseLowRankLinear
 from rankwise.policy import (
     CostTable,
     MergePolicyError,
@@ -25,6 +25,7 @@ from rankwise.policy import (
     keep_factored,
     measure_costs,
     plan_merges,
+    sparse_costs,
 )
 from rankwise.recipe import Recipe
 from rankwise.speed import WORKLOADS, BenchError, Workload, round_order, workload_macs
@@ -82,6 +83,29 @@ def test_policy_never_picks_the_slower_form(launch: float, penalty: float) -> No
     # the synthetic model has both outcomes, so the check above is not vacuous
     if launch < 1e-4:
         assert any(keep.values()) and not all(keep.values())
+
+
+def test_a_sparse_residuals_time_counts_against_its_factors() -> None:
+    """Factors alone are faster, but with the CSR product's time added they are not at one
+    workload: the layer must be merged. A layer without a residual keeps its factors."""
+
+    def cost(out: int, inp: int, rank: int, tokens: int) -> tuple[float, float]:
+        return 1.0, 0.8
+
+    shapes = {"sparse": (64, 64, 8), "plain": (64, 64, 8)}
+    extra = {"sparse": {1: 0.1, 8: 0.1, 512: 0.3}}
+    assert decide(shapes, cost, (1, 8, 512), extra) == {"sparse": False, "plain": True}
+    assert decide(shapes, cost, (1, 8), extra) == {"sparse": True, "plain": True}
+
+
+def test_sparse_costs_time_every_sparse_layer_at_every_workload() -> None:
+    from test_sparse import compress_tiny
+
+    model = compress_tiny("sparse").model
+    sparse = {n for n, m in model.named_modules() if isinstance(m, SparseLowRankLinear) and m.nnz}
+    costs = sparse_costs(model, tokens=(1, 8))
+    assert sparse and set(costs) == sparse
+    assert all(set(c) == {1, 8} and all(v > 0 for v in c.values()) for c in costs.values())
 
 
 def test_keep_factored_needs_every_workload() -> None:

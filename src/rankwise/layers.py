@@ -154,7 +154,11 @@ class SparseLowRankLinear(LowRankLinear):
         low_rank = super().forward(x)  # (..., out)
         if self.nnz == 0:
             return low_rank
-        return low_rank + sparse_apply(self._sparse_matrix(), x).to(low_rank.dtype)
+        return low_rank + self.sparse_product(x).to(low_rank.dtype)
+
+    def sparse_product(self, x: torch.Tensor) -> torch.Tensor:
+        """S @ x for x (..., in): (..., out), float32 or float64 (the CSR kernels' dtypes)."""
+        return sparse_apply(self._sparse_matrix(), x)
 
     def csr(self) -> CSR:
         shape = (self.out_features, self.in_features)

@@ -11,6 +11,7 @@ every distinct (out, in) shape at a few ranks and token counts (`measure_costs`)
 rank (`CostTable`), and each layer keeps its factors only if they are not slower than the dense
 product at any of the token counts (`keep_factored`, a pure function of the times, so a compressed
 model is never slower than dense at any of them). The others are merged back to nn.Linear.
+A layer with a sparse residual adds its CSR product's measured time to the factorized side.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.errors import RankwiseError
-from rankwise.layers import LowRankLinear
+from rankwise.layers import LowRankLinear, SparseLowRankLinear
 from rankwise.models import set_module
 
 MergePolicy = Literal["auto", "never", "always"]
@@ -59,11 +60,22 @@ def decide(
     shapes: Mapping[str, tuple[int, int, int]],
     cost: CostFn,
     tokens: Iterable[int] = WORKLOAD_TOKENS,
+    extra: Mapping[str, Mapping[int, float]] | None = None,
 ) -> dict[str, bool]:
-    """Layer name -> keep factorized, for layers given as (out, in, rank), under a cost function."""
+    """Layer name -> keep factorized, for layers given as (out, in, rank), under a cost function.
+
+    `extra[name][tokens]`: seconds the layer spends besides its two factor products (a sparse
+    residual's CSR product), added to the factorized side."""
     tokens = tuple(tokens)
+    extra = extra or {}
+
+    def times(name: str, out: int, inp: int, rank: int) -> Iterable[tuple[float, float]]:
+        for t in tokens:
+            dense, factored = cost(out, inp, rank, t)
+            yield dense, factored + extra.get(name, {}).get(t, 0.0)
+
     return {
-        name: keep_factored(cost(out, inp, rank, t) for t in tokens)
+        name: keep_factored(times(name, out, inp, rank))
         for name, (out, inp, rank) in shapes.items()
     }
 
@@ -187,6 +199,29 @@ def measure_costs(
     return CostTable(costs)
 
 
+def sparse_costs(
+    model: nn.Module, tokens: Iterable[int] = WORKLOAD_TOKENS, repeats: int = 3
+) -> dict[str, dict[int, float]]:
+    """Fastest seconds of each sparse residual's own product (CSR times a (tokens, in) input),
+    per token count: the part of a SparseLowRankLinear the factor cost table does not see."""
+    costs: dict[str, dict[int, float]] = {}
+    with torch.inference_mode():
+        for name, module in model.named_modules():
+            if not isinstance(module, SparseLowRankLinear) or module.nnz == 0:
+                continue
+            costs[name] = {}
+            for t in tokens:
+                x = torch.randn(t, module.in_features)  # (tokens, in)
+                best = float("inf")
+                for round_ in range(repeats + 1):
+                    start = time.perf_counter()
+                    module.sparse_product(x)
+                    if round_:
+                        best = min(best, time.perf_counter() - start)
+                costs[name][t] = best
+    return costs
+
+
 def factored_shapes(model: nn.Module) -> dict[str, tuple[int, int, int]]:
     return {
         name: (m.out_features, m.in_features, m.rank)
@@ -200,7 +235,9 @@ def plan_merges(model: nn.Module, policy: str, cost: CostFn | None = None) -> di
     shapes = factored_shapes(model)
     if check_policy(policy) != "auto" or not shapes:
         return {name: policy != "always" for name in shapes}
-    return decide(shapes, cost or measure_costs(shapes.values()))
+    if cost is None:
+        return decide(shapes, measure_costs(shapes.values()), extra=sparse_costs(model))
+    return decide(shapes, cost)
 
 
 def apply_merges(model: nn.Module, keep: Mapping[str, bool]) -> list[str]:
