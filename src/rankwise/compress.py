@@ -208,29 +208,39 @@ def compress(
         restore(model, dense_targets)
         return ranks
 
+    def factorize_all(
+        ranks: dict[str, int | None], phase: str, run: Callable[[LayerLoop], None]
+    ) -> LayerLoop:
+        with reporter.task("factorizing", total=len(shapes)) as advance, timer.phase(phase):
+            loop = LayerLoop(model, method, recipe, reporter, ranks, advance)
+            run(loop)
+        return loop
+
     if sequential_applies(model, names, method, recipe, reporter):
         windows = resolve_windows(recipe, tokenizer, windows, reporter)
         ranks = plan.ranks(windows=windows)
         for round_ in range(1, rounds + 1):
             ranks = new_round(round_, windows) if round_ > 1 else ranks
-            with reporter.task("factorizing", total=len(shapes)) as advance:
-                loop = LayerLoop(model, method, recipe, reporter, ranks, advance)
-                with timer.phase("calibrate+factorize"):
-                    compress_sequential(model, names, shapes, loop, recipe, windows)
+            loop = factorize_all(
+                ranks,
+                "calibrate+factorize",
+                lambda loop: compress_sequential(model, names, shapes, loop, recipe, windows),
+            )
     else:
         needs = method.needs | ({"output_fisher"} if needs_output_fisher(recipe) else set())
         with timer.phase("calibrate"):
             stats = gather_statistics(model, names, needs, recipe, tokenizer, windows, reporter)
         ranks = plan.ranks(stats=stats)
+
+        def from_stats(loop: LayerLoop) -> None:
+            for name in names:
+                loop(shapes[name], stats.layers[name])
+
         for round_ in range(1, rounds + 1):
             if round_ > 1:
                 windows = resolve_windows(recipe, tokenizer, windows, reporter)
                 ranks = new_round(round_, windows)
-            with reporter.task("factorizing", total=len(shapes)) as advance:
-                loop = LayerLoop(model, method, recipe, reporter, ranks, advance)
-                with timer.phase("factorize"):
-                    for name in names:
-                        loop(shapes[name], stats.layers[name])
+            loop = factorize_all(ranks, "factorize", from_stats)
 
     reports = [loop.reports[n] for n in names]
     dense, _ = targeted_params(list(shapes.values()), ranks)
