@@ -146,8 +146,9 @@ class WeightPool:
 Product = tuple[tuple[tuple[int, int], ...], Callable[[list[torch.Tensor]], object]]
 
 
-def fastest_seconds(pool: WeightPool, products: list[Product], repeats: int) -> list[float]:
+def fastest_seconds(pool: WeightPool | None, products: list[Product], repeats: int) -> list[float]:
     """Fastest call of each product, the products interleaved round by round after a warm-up.
+    Products that read their own tensors name no weight shapes (and need no `pool`).
 
     The minimum, not the median: on a shared machine interruptions only ever add time, and
     interleaving makes a slow spell fall on every form alike.
@@ -156,7 +157,7 @@ def fastest_seconds(pool: WeightPool, products: list[Product], repeats: int) -> 
     with torch.inference_mode():
         for round_ in range(repeats + 1):
             for j, (shapes, run) in enumerate(products):
-                weights = pool.next(*shapes)
+                weights = pool.next(*shapes) if shapes else []
                 start = time.perf_counter()
                 run(weights)
                 if round_:
@@ -199,26 +200,27 @@ def measure_costs(
     return CostTable(costs)
 
 
+def residual_product(module: SparseLowRankLinear, tokens: int) -> Product:
+    """A sparse residual's own product (CSR times a (tokens, in) input): it reads no pool."""
+    x = torch.randn(tokens, module.in_features)  # (tokens, in)
+    return (), lambda _: module.sparse_product(x)  # (tokens, out)
+
+
 def sparse_costs(
     model: nn.Module, tokens: Iterable[int] = WORKLOAD_TOKENS, repeats: int = 3
 ) -> dict[str, dict[int, float]]:
-    """Fastest seconds of each sparse residual's own product (CSR times a (tokens, in) input),
-    per token count: the part of a SparseLowRankLinear the factor cost table does not see."""
-    costs: dict[str, dict[int, float]] = {}
-    with torch.inference_mode():
-        for name, module in model.named_modules():
-            if not isinstance(module, SparseLowRankLinear) or module.nnz == 0:
-                continue
-            costs[name] = {}
-            for t in tokens:
-                x = torch.randn(t, module.in_features)  # (tokens, in)
-                best = float("inf")
-                for round_ in range(repeats + 1):
-                    start = time.perf_counter()
-                    module.sparse_product(x)
-                    if round_:
-                        best = min(best, time.perf_counter() - start)
-                costs[name][t] = best
+    """Fastest seconds of each sparse residual's product per token count: the part of a
+    SparseLowRankLinear the factor cost table does not see."""
+    sparse = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, SparseLowRankLinear) and module.nnz
+    }
+    costs: dict[str, dict[int, float]] = {name: {} for name in sparse}
+    for t in tokens:
+        products = [residual_product(module, t) for module in sparse.values()]
+        for name, seconds in zip(sparse, fastest_seconds(None, products, repeats), strict=True):
+            costs[name][t] = seconds
     return costs
 
 
