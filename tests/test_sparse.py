@@ -15,11 +15,12 @@ from safetensors import safe_open
 from torch import nn
 
 import rankwise
+from rankwise.allocate import LayerShape, allocate_importance
 from rankwise.compress import count_parameters
 from rankwise.csr import CSR, csr_params, index_dtype, index_params, max_nnz
 from rankwise.layers import LowRankLinear, SparseLowRankLinear
 from rankwise.methods import LayerStats, MethodOptions, get_method
-from rankwise.methods.sparse import split_budget
+from rankwise.methods.sparse import curve_ranks, scaled_spectrum, split_budget
 from rankwise.recipe import Recipe
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
@@ -177,6 +178,80 @@ def test_no_sparse_part_when_it_does_not_pay() -> None:
     w = torch.randn(64, 5, generator=gen) @ torch.randn(5, 48, generator=gen)
     factors = factorize("sparse", w, inputs(), 5)
     assert factors.sparse is None and factors.left.shape == (64, 5)
+
+
+# --- the allocation curve ---------------------------------------------------------------------
+
+
+def tails(spectrum: torch.Tensor) -> torch.Tensor:
+    energy = spectrum.double().square()
+    return torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])  # (k+1,)
+
+
+def curves(w: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sparse, whiten) allocation curves of one layer."""
+    stats = LayerStats(input_gram=x.T @ x, tokens=len(x))
+    sparse = get_method("sparse").spectrum(w, stats, MethodOptions())
+    return sparse, get_method("whiten").spectrum(w, stats, MethodOptions())
+
+
+def test_allocation_curve_is_the_sparse_fits_error_where_measured() -> None:
+    w, x = outlier_weight(), inputs()
+    sparse, whiten = curves(w, x)
+    assert tails(sparse)[0] == pytest.approx(float(tails(whiten)[0]), rel=1e-4)  # same total
+    ranks = curve_ranks(*w.shape)
+    for rank in ranks:
+        fitted = factorize("sparse", w, x, rank, sparse_rounds=0)
+        assert float(tails(sparse)[rank]) == pytest.approx(
+            output_error(w, fitted.approximation(), x), rel=1e-3
+        )
+        assert tails(sparse)[rank] <= tails(whiten)[rank] * (1 + 1e-6)
+    assert tails(sparse)[ranks[0]] < 0.7 * tails(whiten)[ranks[0]]  # outliers held by nonzeros
+
+
+def test_allocation_curve_is_whitens_where_nonzeros_do_not_pay() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 5, generator=gen) @ torch.randn(5, 48, generator=gen)  # rank 5
+    sparse, whiten = curves(w, inputs())
+    total = float(tails(whiten)[0])
+    torch.testing.assert_close(tails(sparse), tails(whiten), rtol=1e-3, atol=1e-8 * total)
+
+
+def test_scaled_spectrum_interpolates_the_measured_ratios() -> None:
+    spectrum = torch.linspace(3.0, 0.1, 40)
+    scaled = tails(scaled_spectrum(spectrum, [10, 20], [0.5, 0.25]))
+    plain = tails(spectrum)
+    assert scaled[0] == pytest.approx(float(plain[0]))
+    assert scaled[10] == pytest.approx(0.5 * float(plain[10]), rel=1e-6)
+    assert scaled[15] == pytest.approx(0.5**1.5 * float(plain[15]), rel=1e-6)  # log-linear
+    assert scaled[30] == pytest.approx(0.25 * float(plain[30]), rel=1e-6)  # held beyond
+    assert bool((scaled[:-1] >= scaled[1:]).all())
+
+
+def test_importance_allocation_moves_rank_off_a_layer_nonzeros_can_hold() -> None:
+    """Two layers with the same spectrum under whiten; one holds its error in a few entries.
+    Under sparse's curve the allocator gives that one less rank."""
+    x = inputs()
+    spiky = outlier_weight()
+    whiten_spiky = curves(spiky, x)[1]
+    gen = torch.Generator().manual_seed(3)
+    u, _, vh = torch.linalg.svd(torch.randn(64, 48, generator=gen, dtype=torch.float64))
+    stats = LayerStats(input_gram=x.T @ x)
+    eigvecs, roots = get_method("whiten")._basis(stats, 1e-6)
+    # a matrix with spiky's whitened spectrum but random singular vectors (no outliers)
+    white = (u[:, :48] * whiten_spiky.double()) @ vh
+    smooth = ((white / roots) @ eigvecs.T).float()
+    shapes = [LayerShape("spiky", 64, 48), LayerShape("smooth", 64, 48)]
+    ranks = {}
+    for method in ("whiten", "sparse"):
+        spectra = {
+            "spiky": get_method(method).spectrum(spiky, stats, MethodOptions()),
+            "smooth": get_method(method).spectrum(smooth, stats, MethodOptions()),
+        }
+        gains = {name: s.double().square() for name, s in spectra.items()}
+        ranks[method] = allocate_importance(shapes, gains, 0.6)
+    assert abs(ranks["whiten"]["spiky"] - ranks["whiten"]["smooth"]) <= 1
+    assert ranks["sparse"]["spiky"] < ranks["sparse"]["smooth"] - 1
 
 
 # --- the layer and round trips -----------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from rankwise.csr import CSR, max_nnz, torch_csr
@@ -33,6 +34,9 @@ from rankwise.methods.whiten import Whiten
 HEADER_PARAMS = 96
 SOLVE_ELEMENTS = 1 << 22  # padded (rows, k, k) block per batched least-squares solve
 SEARCH_PATIENCE = 3  # larger sparse shares tried after the last improvement
+# Ranks, as fractions of the break-even rank out*in/(out+in), where the allocation curve measures
+# the sparse fit (the curve of a run at ratio R is read mostly near (1 - R) of break-even).
+CURVE_KEEPS = (0.3, 0.6)
 
 
 @dataclass
@@ -186,11 +190,37 @@ def refine(
     return fit, history
 
 
+def curve_ranks(out_f: int, in_f: int, keeps: tuple[float, ...] = CURVE_KEEPS) -> list[int]:
+    """Distinct ranks at `keeps` of the break-even rank, each at least 1 and below the smallest
+    side (ranks that leave the layer a budget to split)."""
+    break_even = out_f * in_f / (out_f + in_f)
+    top = min(out_f, in_f) - 1
+    return sorted({min(top, max(1, round(k * break_even))) for k in keeps} - {0})
+
+
+def scaled_spectrum(spectrum: torch.Tensor, ranks: list[int], ratios: list[float]) -> torch.Tensor:
+    """Singular values whose squared tails are `spectrum`'s times an error ratio that is 1 at
+    rank 0, `ratios[i]` at `ranks[i]`, log-linear between and held beyond the last rank.
+
+    This is how the allocator sees the sparse fit: truncating to rank r costs the sparse fit's
+    error at r's budget, sum(result[r:]**2), measured at a few ranks and interpolated."""
+    energy = spectrum.double().square()  # (k,)
+    tails = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])  # (k+1,)
+    knots = np.array([0.0, *ranks], dtype=np.float64)
+    logs = np.log(np.clip(np.array([1.0, *ratios], dtype=np.float64), 1e-12, 1.0))
+    scale = np.exp(np.interp(np.arange(len(tails), dtype=np.float64), knots, logs))
+    scaled = tails * torch.from_numpy(scale)  # (k+1,) estimated error at each rank
+    gains = (scaled[:-1] - scaled[1:]).clamp_min(0.0)  # (k,)
+    return gains.sqrt().to(spectrum.dtype)
+
+
 class Sparse(Whiten):
     """Whitened low rank plus a sparse residual, the split chosen per layer by measured error.
 
-    Its spectrum (for allocation) is whiten's: the allocator gives each layer a rank, whose
-    parameters are this method's budget for factors, values and indices together."""
+    The allocator gives each layer a rank, whose parameters are this method's budget for factors,
+    values and indices together. Its curve (`spectrum`) is whiten's, scaled by how much lower the
+    sparse fit's error measured at a few ranks (`CURVE_KEEPS`): a layer whose error sits in a few
+    entries costs less to cut, so importance allocation gives its rank to others."""
 
     name = "sparse"
 
@@ -213,12 +243,14 @@ class Sparse(Whiten):
         metric: Metric,
         rank: int,
         options: MethodOptions,
-    ) -> Fit:
-        """The split with the lowest measured error, searched upwards from pure low rank: each
-        larger sparse share is fitted exactly and the search stops after `SEARCH_PATIENCE`
-        shares in a row that do not improve (the error is near unimodal in the share; ranking
-        the shares by a cheap single-entry estimate was tried first: it overrated large ones)."""
-        best = with_sparse(w, weight_gram, *low_rank_from_svd(*svd, rank, metric), metric, 0)
+    ) -> tuple[Fit, Fit]:
+        """The split with the lowest measured error, and the pure low-rank fit it started from.
+
+        Searched upwards from pure low rank: each larger sparse share is fitted exactly and the
+        search stops after `SEARCH_PATIENCE` shares in a row that do not improve (the error is
+        near unimodal in the share; ranking the shares by a cheap single-entry estimate was
+        tried first: it overrated large ones)."""
+        best = pure = with_sparse(w, weight_gram, *low_rank_from_svd(*svd, rank, metric), metric, 0)
         misses = 0
         for fraction in sorted(options.sparse_fractions):
             split = split_budget(rank, *w.shape, fraction)
@@ -230,7 +262,26 @@ class Sparse(Whiten):
             best = fit if fit.error < best.error else best
             if misses == SEARCH_PATIENCE:
                 break
-        return best
+        return best, pure
+
+    def spectrum(
+        self, weight: torch.Tensor, stats: LayerStats, options: MethodOptions
+    ) -> torch.Tensor:
+        """The allocation curve: whiten's spectrum, its tails scaled by the measured ratio of the
+        best split's error to pure low rank's at each of `curve_ranks` (no refinement rounds)."""
+        metric = self.metric(stats, options.eig_floor)
+        w = weight.double()  # (out, in)
+        weight_gram = w @ metric.gram  # (out, in)
+        total = float((w * weight_gram).sum())
+        u, s, vh = torch.linalg.svd(metric.white(w).float(), full_matrices=False)
+        ranks = curve_ranks(*w.shape)
+        ratios = []
+        for rank in ranks:
+            best, pure = self.choose_split(w, weight_gram, (u, s, vh), metric, rank, options)
+            # nothing left to fit (exactly low rank): the ratio would be rounding noise
+            exact = pure.error <= 1e-9 * total
+            ratios.append(1.0 if exact else best.error / pure.error)
+        return scaled_spectrum(s, ranks, ratios)
 
     def factorize(
         self, weight: torch.Tensor, stats: LayerStats, rank: int, options: MethodOptions
@@ -241,7 +292,7 @@ class Sparse(Whiten):
         total = float((w * weight_gram).sum())
         white = metric.white(w)  # (out, in)
         u, s, vh = torch.linalg.svd(white.float(), full_matrices=False)  # (out,k) (k,) (k,in)
-        best = self.choose_split(w, weight_gram, (u, s, vh), metric, rank, options)
+        best, _ = self.choose_split(w, weight_gram, (u, s, vh), metric, rank, options)
         best, history = refine(w, weight_gram, white, best, metric, options.sparse_rounds)
         rel = [max(e, 0.0) ** 0.5 / max(total, 1e-300) ** 0.5 for e in history]
         dtype = weight.dtype
