@@ -49,6 +49,10 @@ def compress_cmd(
     importance_rounds: Annotated[
         int | None, typer.Option(help="1 | 2 (2: reallocate by the Fisher of the round-1 model)")
     ] = None,
+    importance_measure: Annotated[
+        int | None,
+        typer.Option(help="0-3 passes measuring each layer's loss at its planned rank"),
+    ] = None,
     recover_steps: Annotated[
         int | None, typer.Option(help="distillation steps after compressing (0: none)")
     ] = None,
@@ -84,6 +88,7 @@ def compress_cmd(
         importance_estimator=importance_estimator,
         importance_samples=importance_samples,
         importance_rounds=importance_rounds,
+        importance_measure=importance_measure,
         recover={"steps": recover_steps, "lr": recover_lr},
         merge_policy=merge_policy,
     )

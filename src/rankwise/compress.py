@@ -221,6 +221,7 @@ def compress(
         ranks = plan.ranks(windows=windows)
         for round_ in range(1, rounds + 1):
             ranks = new_round(round_, windows) if round_ > 1 else ranks
+            ranks = plan.measure(windows, ranks) if round_ == rounds else ranks
             loop = factorize_all(
                 ranks,
                 "calibrate+factorize",
@@ -240,6 +241,9 @@ def compress(
             if round_ > 1:
                 windows = resolve_windows(recipe, tokenizer, windows, reporter)
                 ranks = new_round(round_, windows)
+            if round_ == rounds and recipe.importance_measure:
+                windows = resolve_windows(recipe, tokenizer, windows, reporter)
+                ranks = plan.measure(windows, ranks)
             loop = factorize_all(ranks, "factorize", from_stats)
 
     reports = [loop.reports[n] for n in names]

@@ -86,6 +86,12 @@ def importance_windows(recipe: Recipe, windows: torch.Tensor) -> torch.Tensor:
     return windows[: recipe.importance_samples]
 
 
+def measure_windows(recipe: Recipe, windows: torch.Tensor) -> torch.Tensor:
+    """`measure_samples` windows after the importance ones (the last ones if there are none)."""
+    after = windows[recipe.importance_samples : recipe.importance_samples + recipe.measure_samples]
+    return after if len(after) else windows[-recipe.measure_samples :]
+
+
 def allocate(
     shapes: dict[str, LayerShape],
     spectra: dict[str, torch.Tensor],

@@ -7,6 +7,10 @@ not the same ones (measured: bench/results/allocation.md). Round 2 measures the 
 the model round 1 compressed, allocates again with the same spectra, puts the dense layers back
 and compresses again, so the final allocation is linearised where the compressed model actually
 is. (A third round, linearised at round 2's model, swung the budget back and measured worse.)
+
+Measurement passes (`importance_measure`, sensitivity.py) then check the estimate where it
+matters: each target truncated alone to its planned rank, the loss increase measured, the
+layer's curve rescaled to it, and the budget allocated again.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rankwise import calibrate, importance
-from rankwise.allocate import LayerShape, allocate_uniform
+from rankwise import calibrate, importance, sensitivity
+from rankwise.allocate import LayerShape, allocate_importance, allocate_uniform
 from rankwise.calibrate import Statistics
 from rankwise.methods import LayerStats, Method, MethodOptions
 from rankwise.models import set_module
@@ -38,6 +42,8 @@ class Plan:
     timer: Timer
     gains: dict[str, torch.Tensor] = field(default_factory=dict)
     spectra: dict[str, torch.Tensor] = field(default_factory=dict)
+    estimated: dict[str, torch.Tensor] = field(default_factory=dict)  # gains before measuring
+    measured: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> rank -> loss
 
     def ranks(
         self, stats: Statistics | None = None, windows: torch.Tensor | None = None
@@ -76,7 +82,41 @@ class Plan:
     def _allocate(self, fisher: dict[str, torch.Tensor | None]) -> dict[str, int | None]:
         with self.timer.phase("allocate"):
             ranks, self.gains = importance.allocate(self.shapes, self.spectra, fisher, self.recipe)
+        self.estimated = self.gains
         self.reporter.log(f"importance allocation in {self.timer.seconds['allocate']:.2f} s")
+        return ranks
+
+    def measure(self, windows: torch.Tensor, ranks: dict[str, int | None]) -> dict[str, int | None]:
+        """`importance_measure` passes on the dense model: each target truncated alone to its
+        planned rank, the loss measured, the curves rescaled, the budget allocated again."""
+        recipe = self.recipe
+        if recipe.allocation != "importance" or not self.estimated:
+            return ranks
+        options = MethodOptions(eig_floor=recipe.eig_floor)
+        gram_windows = importance.importance_windows(recipe, windows)
+        loss_windows = importance.measure_windows(recipe, windows)
+        dtype = getattr(torch, recipe.calib_dtype)
+        blocks = calibrate.count_blocks(self.model, self.names)
+        for pass_ in range(1, recipe.importance_measure + 1):
+            with self.reporter.task(f"measuring importance {pass_}", total=blocks) as advance:
+                with self.timer.phase(f"importance measure {pass_}"):
+                    found = sensitivity.single_layer_losses(
+                        self.model,
+                        self.names,
+                        self.method,
+                        ranks,
+                        gram_windows,
+                        loss_windows,
+                        dtype,
+                        options,
+                        advance,
+                    )
+            for name, (rank, loss) in found.items():
+                self.measured.setdefault(name, {})[rank] = loss
+            self.gains = sensitivity.calibrated_gains(self.estimated, self.measured)
+            ranks = allocate_importance(
+                list(self.shapes.values()), self.gains, recipe.ratio, recipe.overrides
+            )
         return ranks
 
     def _importance_statistics(

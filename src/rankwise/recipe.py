@@ -98,6 +98,11 @@ class Recipe(BaseModel):
     # on the model round 1 compressed and compresses again (plan.py). A third round was measured
     # worse than the second (the allocation oscillates: bench/results/allocation.md), so at most 2.
     importance_rounds: int = Field(default=1, ge=1, le=2)
+    # measured importance (sensitivity.py): passes that truncate each target alone to its planned
+    # rank, measure the loss increase on `measure_samples` windows (those after the importance
+    # windows) and rescale the layer's curve before allocating again; 0 = the estimate alone
+    importance_measure: int = Field(default=0, ge=0, le=3)
+    measure_samples: int = Field(default=4, ge=1)
     recover: RecoverConfig = Field(default_factory=RecoverConfig)
     # at load time: keep a layer factorized only where that is faster on the loading machine
     # ("auto", measured), always ("never" merge), or run everything dense ("always")
