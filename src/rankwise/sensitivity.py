@@ -20,12 +20,12 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rankwise import calibrate
+from rankwise.allocate import rescale_tails
 from rankwise.blockwise import BlockInputs, _forward_all, capture_inputs, find_blocks
 from rankwise.calibrate import Progress
 from rankwise.errors import CalibrationError
@@ -154,11 +154,5 @@ def calibrated_gains(
         points = ratios.get(name) or {0: median}
         ranks = sorted(points)
         clipped = [min(max(points[r], median / RATIO_CLIP), median * RATIO_CLIP) for r in ranks]
-        logs = [math.log(c) for c in clipped]
-        energy = layer_gains.double()  # (k,)
-        tails = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])  # (k+1,)
-        at = np.arange(len(tails), dtype=np.float64)
-        scale = np.exp(np.interp(at, np.array(ranks, dtype=np.float64), np.array(logs)))
-        scaled = tails * torch.from_numpy(scale)  # (k+1,) estimated loss at each rank
-        calibrated[name] = (scaled[:-1] - scaled[1:]).clamp_min(0.0)  # (k,)
+        calibrated[name] = rescale_tails(layer_gains, ranks, [math.log(c) for c in clipped])
     return calibrated

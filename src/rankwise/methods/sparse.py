@@ -20,11 +20,12 @@ solve the row's least squares exactly, G_JJ s_J = (R G)_iJ.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from rankwise.allocate import rescale_tails
 from rankwise.csr import CSR, max_nnz, torch_csr
 from rankwise.methods.base import Factors, LayerStats, MethodOptions, split_singular
 from rankwise.methods.whiten import Whiten
@@ -204,13 +205,8 @@ def scaled_spectrum(spectrum: torch.Tensor, ranks: list[int], ratios: list[float
 
     This is how the allocator sees the sparse fit: truncating to rank r costs the sparse fit's
     error at r's budget, sum(result[r:]**2), measured at a few ranks and interpolated."""
-    energy = spectrum.double().square()  # (k,)
-    tails = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])  # (k+1,)
-    knots = np.array([0.0, *ranks], dtype=np.float64)
-    logs = np.log(np.clip(np.array([1.0, *ratios], dtype=np.float64), 1e-12, 1.0))
-    scale = np.exp(np.interp(np.arange(len(tails), dtype=np.float64), knots, logs))
-    scaled = tails * torch.from_numpy(scale)  # (k+1,) estimated error at each rank
-    gains = (scaled[:-1] - scaled[1:]).clamp_min(0.0)  # (k,)
+    logs = [0.0, *(math.log(min(max(r, 1e-12), 1.0)) for r in ratios)]
+    gains = rescale_tails(spectrum.double().square(), [0, *ranks], logs)  # (k,)
     return gains.sqrt().to(spectrum.dtype)
 
 
