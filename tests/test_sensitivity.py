@@ -9,7 +9,7 @@ import torch
 from conftest import make_model, make_windows
 
 import rankwise
-from rankwise.layers import LowRankLinear
+from rankwise.layers import LowRankLinear, factored_layer
 from rankwise.methods import MethodOptions, get_method
 from rankwise.models import find_targets, linear_weight, set_module
 from rankwise.recipe import Recipe
@@ -27,7 +27,8 @@ def test_tail_loss_is_the_models_own_loss(family: str) -> None:
     assert tail.loss_from(1) == pytest.approx(expected, rel=1e-5)  # from a later block: same
 
 
-def test_single_layer_loss_is_measured_with_that_layer_alone_truncated() -> None:
+@pytest.mark.parametrize("method", ["whiten", "sparse"])
+def test_single_layer_loss_is_measured_with_that_layer_alone_truncated(method: str) -> None:
     model = make_model("llama")
     names = find_targets(model)
     windows, loss_ids = make_windows(8, 16), make_windows(2, 16, seed=1)
@@ -36,7 +37,7 @@ def test_single_layer_loss_is_measured_with_that_layer_alone_truncated() -> None
     found = single_layer_losses(
         model,
         names,
-        get_method("whiten"),
+        get_method(method),
         ranks,
         windows,
         loss_ids,
@@ -44,13 +45,14 @@ def test_single_layer_loss_is_measured_with_that_layer_alone_truncated() -> None
         MethodOptions(),
     )
     assert set(found) == set(names) and all(rank == 4 for rank, _ in found.values())
-    # the same truncation by hand: whiten factors of the dense grams, others dense
+    # the same truncation by hand: the method's factors of the dense grams, others dense
     stats = rankwise.calibrate.collect(model, names, windows, frozenset({"input_gram"}))
-    factors = get_method("whiten").factorize(
+    factors = get_method(method).factorize(
         linear_weight(model.get_submodule(name)), stats.layers[name], 4, MethodOptions()
     )
     trial = copy.deepcopy(model)
-    set_module(trial, name, LowRankLinear.from_factors(factors.left, factors.right))
+    layer = factored_layer(factors.left, factors.right, factors.sparse, None)
+    set_module(trial, name, layer)
     with torch.no_grad():
         dense = float(model(input_ids=loss_ids, labels=loss_ids).loss)
         truncated = float(trial(input_ids=loss_ids, labels=loss_ids).loss)

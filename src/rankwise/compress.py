@@ -18,7 +18,7 @@ from rankwise.blockwise import in_one_block_list
 from rankwise.csr import csr_params
 from rankwise.errors import NonFiniteWeightsError
 from rankwise.gather import gather_statistics, resolve_windows
-from rankwise.layers import LowRankLinear, SparseLowRankLinear
+from rankwise.layers import SparseLowRankLinear, factored_layer
 from rankwise.methods import Factors, LayerStats, Method, MethodOptions, get_method
 from rankwise.models import as_linear, find_targets, linear_weight, set_module
 from rankwise.plan import (
@@ -127,11 +127,7 @@ def factorize_layer(
     module = as_linear(model.get_submodule(name))
     factors = method.factorize(module.weight.detach(), stats, rank, options)
     bias = module.bias.detach() if module.bias is not None else None
-    if factors.sparse is not None:
-        layer = SparseLowRankLinear.from_parts(factors.left, factors.right, factors.sparse, bias)
-    else:
-        layer = LowRankLinear.from_factors(factors.left, factors.right, bias)
-    set_module(model, name, layer)
+    set_module(model, name, factored_layer(factors.left, factors.right, factors.sparse, bias))
     return factors
 
 

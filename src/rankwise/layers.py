@@ -175,3 +175,12 @@ class SparseLowRankLinear(LowRankLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, nnz={self.nnz}"
+
+
+def factored_layer(
+    left: torch.Tensor, right: torch.Tensor, sparse: CSR | None, bias: torch.Tensor | None
+) -> LowRankLinear:
+    """The module for factors: SparseLowRankLinear when there is a sparse residual."""
+    if sparse is not None:
+        return SparseLowRankLinear.from_parts(left, right, sparse, bias)
+    return LowRankLinear.from_factors(left, right, bias)

@@ -29,7 +29,7 @@ from rankwise.allocate import rescale_tails
 from rankwise.blockwise import BlockInputs, _forward_all, capture_inputs, find_blocks
 from rankwise.calibrate import Progress
 from rankwise.errors import CalibrationError
-from rankwise.layers import LowRankLinear
+from rankwise.layers import factored_layer
 from rankwise.methods import LayerStats, Method, MethodOptions
 from rankwise.models import linear_weight, set_module
 
@@ -47,7 +47,9 @@ class TailLoss:
     so a change inside block k costs a forward through blocks k.. and the LM head only.
     """
 
-    def __init__(self, model: nn.Module, names: list[str], windows: torch.Tensor, dtype) -> None:
+    def __init__(
+        self, model: nn.Module, names: list[str], windows: torch.Tensor, dtype: torch.dtype
+    ) -> None:
         self.runner = copy.deepcopy(model).to(dtype)
         self.windows = windows
         _, self.blocks = find_blocks(self.runner, names)
@@ -121,7 +123,8 @@ def single_layer_losses(
             rank = probe_rank(ranks[name], *weight.shape)
             factors = method.factorize(weight, block_stats[name], rank, options)
             original = tail.runner.get_submodule(name)
-            trial = LowRankLinear.from_factors(factors.left, factors.right, original.bias)
+            bias = None if original.bias is None else original.bias.detach()
+            trial = factored_layer(factors.left, factors.right, factors.sparse, bias)
             set_module(tail.runner, name, trial.to(dtype))
             try:
                 index = int(name[len(list_name) + 1 :].split(".")[0])
