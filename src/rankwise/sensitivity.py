@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise import calibrate
-from rankwise.allocate import rescale_tails
+from rankwise import calibrate, importance
+from rankwise.allocate import LayerShape, rescale_tails
 from rankwise.blockwise import BlockInputs, _forward_all, capture_inputs, find_blocks
 from rankwise.calibrate import Progress
 from rankwise.errors import CalibrationError
@@ -96,7 +96,7 @@ def probe_rank(rank: int | None, out_features: int, in_features: int) -> int:
     """The rank a layer is measured at: its planned one, or part of break-even if kept dense."""
     if rank is not None:
         return rank
-    break_even = out_features * in_features / (out_features + in_features)
+    break_even = LayerShape("", out_features, in_features).break_even_rank
     return max(1, round(DENSE_PROBE_KEEP * break_even))
 
 
@@ -145,7 +145,7 @@ def calibrated_gains(
     `RATIO_CLIP` of their median; a layer with no measurement keeps the median ratio."""
     ratios = {
         name: {
-            rank: max(loss, 1e-9) / max(float(gains[name][rank:].sum()), 1e-30)
+            rank: max(loss, 1e-9) / max(importance.estimated_loss(gains[name], rank), 1e-30)
             for rank, loss in points.items()
         }
         for name, points in measured.items()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rankwise.allocate import rescale_tails
+from rankwise.allocate import LayerShape, rescale_tails
 from rankwise.csr import CSR, max_nnz, torch_csr
 from rankwise.methods.base import Factors, LayerStats, MethodOptions, split_singular
 from rankwise.methods.whiten import Whiten
@@ -194,7 +194,7 @@ def refine(
 def curve_ranks(out_f: int, in_f: int, keeps: tuple[float, ...] = CURVE_KEEPS) -> list[int]:
     """Distinct ranks at `keeps` of the break-even rank, each at least 1 and below the smallest
     side (ranks that leave the layer a budget to split)."""
-    break_even = out_f * in_f / (out_f + in_f)
+    break_even = LayerShape("", out_f, in_f).break_even_rank
     top = min(out_f, in_f) - 1
     return sorted({min(top, max(1, round(k * break_even))) for k in keeps} - {0})
 
@@ -208,6 +208,22 @@ def scaled_spectrum(spectrum: torch.Tensor, ranks: list[int], ratios: list[float
     logs = [0.0, *(math.log(min(max(r, 1e-12), 1.0)) for r in ratios)]
     gains = rescale_tails(spectrum.double().square(), [0, *ranks], logs)  # (k,)
     return gains.sqrt().to(spectrum.dtype)
+
+
+@dataclass
+class Layer:
+    """One weight prepared in its output metric: the inputs of every split and refinement."""
+
+    metric: Metric
+    w: torch.Tensor  # (out, in) float64
+    weight_gram: torch.Tensor  # (out, in): W G
+    white: torch.Tensor  # (out, in): W in the whitened basis
+    svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # of `white`: (out,k) (k,) (k,in)
+    total: float  # ||W||^2 in the metric
+
+    def split(self, rank: int, options: MethodOptions) -> tuple[Fit, Fit]:
+        """(best split, pure low rank) within rank `rank`'s budget."""
+        return Sparse.choose_split(self.w, self.weight_gram, self.svd, self.metric, rank, options)
 
 
 class Sparse(Whiten):
@@ -260,37 +276,40 @@ class Sparse(Whiten):
                 break
         return best, pure
 
+    def layer(self, weight: torch.Tensor, stats: LayerStats, options: MethodOptions) -> Layer:
+        """What every split of this weight is fitted from (one whitened SVD serves them all)."""
+        metric = self.metric(stats, options.eig_floor)
+        w = weight.double()  # (out, in)
+        weight_gram = w @ metric.gram  # (out, in): W G
+        white = metric.white(w)  # (out, in)
+        u, s, vh = torch.linalg.svd(white.float(), full_matrices=False)  # (out,k) (k,) (k,in)
+        total = float((w * weight_gram).sum())
+        return Layer(metric, w, weight_gram, white, (u, s, vh), total)
+
     def spectrum(
         self, weight: torch.Tensor, stats: LayerStats, options: MethodOptions
     ) -> torch.Tensor:
         """The allocation curve: whiten's spectrum, its tails scaled by the measured ratio of the
         best split's error to pure low rank's at each of `curve_ranks` (no refinement rounds)."""
-        metric = self.metric(stats, options.eig_floor)
-        w = weight.double()  # (out, in)
-        weight_gram = w @ metric.gram  # (out, in)
-        total = float((w * weight_gram).sum())
-        u, s, vh = torch.linalg.svd(metric.white(w).float(), full_matrices=False)
-        ranks = curve_ranks(*w.shape)
+        layer = self.layer(weight, stats, options)
+        ranks = curve_ranks(*weight.shape)
         ratios = []
         for rank in ranks:
-            best, pure = self.choose_split(w, weight_gram, (u, s, vh), metric, rank, options)
+            best, pure = layer.split(rank, options)
             # nothing left to fit (exactly low rank): the ratio would be rounding noise
-            exact = pure.error <= 1e-9 * total
+            exact = pure.error <= 1e-9 * layer.total
             ratios.append(1.0 if exact else best.error / pure.error)
-        return scaled_spectrum(s, ranks, ratios)
+        return scaled_spectrum(layer.svd[1], ranks, ratios)
 
     def factorize(
         self, weight: torch.Tensor, stats: LayerStats, rank: int, options: MethodOptions
     ) -> Factors:
-        metric = self.metric(stats, options.eig_floor)
-        w = weight.double()  # (out, in)
-        weight_gram = w @ metric.gram  # (out, in): W G
-        total = float((w * weight_gram).sum())
-        white = metric.white(w)  # (out, in)
-        u, s, vh = torch.linalg.svd(white.float(), full_matrices=False)  # (out,k) (k,) (k,in)
-        best, _ = self.choose_split(w, weight_gram, (u, s, vh), metric, rank, options)
-        best, history = refine(w, weight_gram, white, best, metric, options.sparse_rounds)
-        rel = [max(e, 0.0) ** 0.5 / max(total, 1e-300) ** 0.5 for e in history]
+        layer = self.layer(weight, stats, options)
+        best, _ = layer.split(rank, options)
+        best, history = refine(
+            layer.w, layer.weight_gram, layer.white, best, layer.metric, options.sparse_rounds
+        )
+        rel = [max(e, 0.0) ** 0.5 / max(layer.total, 1e-300) ** 0.5 for e in history]
         dtype = weight.dtype
         sparse = best.sparse
         if sparse is not None:
@@ -300,7 +319,7 @@ class Sparse(Whiten):
         return Factors(
             best.left.to(dtype),
             best.right.to(dtype),
-            spectrum=s.float(),
+            spectrum=layer.svd[1].float(),
             sparse=sparse,
             rel_error=rel[-1],
             extras={"history": torch.tensor(rel)},
