@@ -57,6 +57,18 @@ def test_single_layer_loss_is_measured_with_that_layer_alone_truncated(method: s
         dense = float(model(input_ids=loss_ids, labels=loss_ids).loss)
         truncated = float(trial(input_ids=loss_ids, labels=loss_ids).loss)
     assert found[name][1] == pytest.approx(truncated - dense, rel=1e-3, abs=1e-6)
+    again = single_layer_losses(
+        model,
+        names,
+        get_method(method),
+        ranks,
+        windows,
+        loss_ids,
+        torch.float32,
+        MethodOptions(),
+        known={name: {4}},
+    )
+    assert set(again) == set(names) - {name}  # measured before at that rank: not again
 
 
 def test_curves_are_rescaled_to_the_measured_loss_between_measured_ranks() -> None:

@@ -119,6 +119,7 @@ class Plan:
                         dtype,
                         options,
                         advance,
+                        known=self.measured,
                     )
             for name, (rank, loss) in found.items():
                 self.measured.setdefault(name, {})[rank] = loss

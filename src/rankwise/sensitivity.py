@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Collection, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -110,9 +111,12 @@ def single_layer_losses(
     dtype: torch.dtype,
     options: MethodOptions,
     progress: Progress | None = None,
+    known: Mapping[str, Collection[int]] | None = None,
 ) -> dict[str, tuple[int, float]]:
     """Per target: (rank, loss increase of truncating that target alone to rank) on the dense
-    model. Factors come from the dense grams on `gram_windows`, one block at a time."""
+    model. Factors come from the dense grams on `gram_windows`, one block at a time. Targets
+    whose probe rank is in `known[name]` (measured by an earlier pass) are skipped."""
+    known = known or {}
     tail = TailLoss(model, names, loss_windows, dtype)
     list_name, _ = find_blocks(model, names)
     measured: dict[str, tuple[int, float]] = {}
@@ -121,6 +125,8 @@ def single_layer_losses(
         for name in block_names:
             weight = linear_weight(model.get_submodule(name))
             rank = probe_rank(ranks[name], *weight.shape)
+            if rank in known.get(name, ()):
+                continue
             factors = method.factorize(weight, block_stats[name], rank, options)
             original = tail.runner.get_submodule(name)
             bias = None if original.bias is None else original.bias.detach()
