@@ -14,7 +14,6 @@ No activations are stored: memory is bounded by the grams.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -27,7 +26,7 @@ from torch import nn
 from rankwise.blockwise import find_blocks, run_blocks, used_blocks
 from rankwise.errors import CalibrationError, RankwiseError
 from rankwise.methods.base import LayerStats
-from rankwise.models import is_conv1d, linear_weight
+from rankwise.models import cast_copy, is_conv1d, linear_weight
 
 Progress = Callable[[int], None]  # called with the number of windows just processed
 
@@ -95,14 +94,30 @@ class Statistics:
         return cls(layers, json.loads(metadata.get("meta", "{}")))
 
 
-def gram_f32(x: torch.Tensor) -> torch.Tensor:
-    """X^T X of a (tokens, in) matrix in float32: (in, in).
+# from this input width on, a gram is built from its blocks (narrower: one GEMM is as fast)
+SPLIT_FROM = 1024
 
-    torch's GEMM, not BLAS syrk: syrk would halve the flops, but scipy's OpenBLAS threads and
-    torch's OpenMP threads spin against each other between layers (measured 2x slower).
+
+def add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
+    """total (in, in) float64 += X^T X of a (tokens, in) matrix, the product in float32.
+
+    X^T X is symmetric: wide inputs (>= SPLIT_FROM features, MLP down projections) are split in
+    two column halves, and the two diagonal blocks and one off-diagonal block take 3/4 of the
+    multiply-adds of the full product. torch's GEMM, not BLAS syrk: scipy's OpenBLAS threads
+    and torch's OpenMP threads spin against each other between layers (measured 2x slower).
     """
     flat = x.detach().float()  # (tokens, in)
-    return flat.T @ flat
+    width = flat.shape[1]
+    if width < SPLIT_FROM:
+        total += (flat.T @ flat).double()
+        return
+    half = width // 2
+    left, right = flat[:, :half], flat[:, half:]  # (tokens, half), (tokens, in - half)
+    total[:half, :half] += (left.T @ left).double()
+    total[half:, half:] += (right.T @ right).double()
+    cross = (left.T @ right).double()  # (half, in - half)
+    total[:half, half:] += cross
+    total[half:, :half] += cross.T
 
 
 class GramCollector:
@@ -135,7 +150,7 @@ class GramCollector:
             if name not in self.grams:
                 self.grams[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
                 self.tokens[name] = 0
-            self.grams[name] += gram_f32(flat).double()
+            add_gram(self.grams[name], flat)
             self.tokens[name] += flat.shape[0]
 
         return hook
@@ -211,7 +226,7 @@ def collect_grams_whole(
     batch_size: int = 4,
 ) -> dict[str, LayerStats]:
     """Whole-model pass, for targets outside one list of blocks (e.g. explicit `lm_head`)."""
-    runner = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    runner = model if dtype == torch.float32 else cast_copy(model, dtype)
     collector = GramCollector(runner, names)
     try:
         with torch.inference_mode():
@@ -286,17 +301,24 @@ def collect_output_fisher(
     """
     if not has_lm_head(model):
         raise RankwiseError("importance needs a language model head (a causal LM)")
-    runner = copy.deepcopy(model).to(dtype).requires_grad_(False)
-    outputs: dict[str, torch.Tensor] = {}
+    runner = cast_copy(model, dtype)
+    totals = {n: torch.zeros((), dtype=torch.float64) for n in names}
+    reached: set[str] = set()
 
-    def keep(name: str) -> Callable:
+    def add(name: str, grad: torch.Tensor) -> None:
+        flat = grad.reshape(-1, grad.shape[-1]).float()  # (tokens, out)
+        totals[name] = totals[name] + flat.square().sum(0).double()
+        reached.add(name)
+
+    def watch(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            outputs[name] = output
+            output.register_hook(lambda grad: add(name, grad))
 
         return hook
 
-    handles = [runner.get_submodule(n).register_forward_hook(keep(n)) for n in names]
-    totals = {n: torch.zeros((), dtype=torch.float64) for n in names}
+    # Gradient hooks square and sum each output's gradient as the backward pass reaches it, so
+    # neither all 200 gradients nor the whole graph are alive at once.
+    handles = [runner.get_submodule(n).register_forward_hook(watch(n)) for n in names]
     tokens = 0
     try:
         for start in range(0, len(windows), batch_size):
@@ -304,12 +326,12 @@ def collect_output_fisher(
             embeds = runner.get_input_embeddings()(batch).detach().requires_grad_(True)
             loss = runner(inputs_embeds=embeds, labels=batch, use_cache=False).loss
             predicted = batch.shape[0] * (batch.shape[1] - 1)
-            grads = torch.autograd.grad(loss * predicted, [outputs[n] for n in names])
-            for name, grad in zip(names, grads, strict=True):
-                flat = grad.reshape(-1, grad.shape[-1]).float()  # (tokens, out)
-                totals[name] = totals[name] + flat.square().sum(0).double()
+            (loss * predicted).backward()
+            missing = [n for n in names if n not in reached]
+            if missing:
+                raise CalibrationError(f"the loss does not depend on {missing[0]}")
+            reached.clear()
             tokens += batch.numel()
-            outputs.clear()
             if progress:
                 progress(len(batch))
     finally:
@@ -341,7 +363,7 @@ def collect(
     else:
         stats.layers = {n: LayerStats(tokens=windows.numel()) for n in names}
     if "fisher" in needs:
-        runner = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+        runner = model if dtype == torch.float32 else cast_copy(model, dtype)
         for name, value in collect_fisher(runner, names, windows, progress).items():
             stats.layers[name].fisher = value
     if "output_fisher" in needs:

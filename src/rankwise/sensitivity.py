@@ -17,7 +17,6 @@ about 400 s a pass on the default model (210 targets, 4 windows of 512 tokens).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Collection, Mapping
 
@@ -32,7 +31,7 @@ from rankwise.calibrate import Progress
 from rankwise.errors import CalibrationError
 from rankwise.layers import factored_layer
 from rankwise.methods import LayerStats, Method, MethodOptions
-from rankwise.models import linear_weight, set_module
+from rankwise.models import cast_copy, linear_weight, set_module
 
 # measured / estimated ratios are clipped to this factor of their median: a loss increase at
 # the noise level of a few windows (or below zero) must not make a layer free or sacred
@@ -51,7 +50,7 @@ class TailLoss:
     def __init__(
         self, model: nn.Module, names: list[str], windows: torch.Tensor, dtype: torch.dtype
     ) -> None:
-        self.runner = copy.deepcopy(model).to(dtype)
+        self.runner = cast_copy(model, dtype)
         self.windows = windows
         _, self.blocks = find_blocks(self.runner, names)
         self.inputs: BlockInputs = capture_inputs(
