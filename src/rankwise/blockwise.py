@@ -9,7 +9,6 @@ are live: memory stays bounded for models larger than a full converted copy.
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from rankwise.errors import CalibrationError
+from rankwise.models import cast_copy
 
 
 class _StopForward(Exception):
@@ -115,7 +115,7 @@ def run_blocks(
     hidden = inputs.hidden
     with torch.inference_mode():
         for index in range(used[-1] + 1):
-            block = copy.deepcopy(blocks[index]).to(dtype)
+            block = cast_copy(blocks[index], dtype)
             outputs: list[torch.Tensor] = []
 
             def run(
@@ -127,7 +127,7 @@ def run_blocks(
 
             changed = on_block(index, block, run) if index in used else False
             if changed:
-                outputs = _forward_all(copy.deepcopy(blocks[index]).to(dtype), hidden, inputs)
+                outputs = _forward_all(cast_copy(blocks[index], dtype), hidden, inputs)
             elif not outputs:
                 run()
             hidden = outputs
