@@ -10,7 +10,7 @@ from conftest import clone, make_model, make_windows, model_output, word_text, w
 from safetensors.torch import save_file
 
 import rankwise
-from rankwise.calibrate import Statistics, collect, collect_output_fisher
+from rankwise.calibrate import SPLIT_FROM, Statistics, add_gram, collect, collect_output_fisher
 from rankwise.errors import RankwiseError
 from rankwise.models import cast_copy, find_targets, linear_weight
 from rankwise.recipe import Recipe
@@ -268,3 +268,14 @@ def test_output_fisher_is_mean_squared_output_gradient(family: str) -> None:
     for name in names:
         torch.testing.assert_close(found[name], expected[name], rtol=1e-4, atol=1e-12)
     assert all(p.requires_grad for p in model.parameters())  # a private frozen copy was used
+
+
+@pytest.mark.parametrize("width", [SPLIT_FROM - 1, SPLIT_FROM, SPLIT_FROM + 77])
+def test_gram_of_wide_inputs_from_symmetric_blocks_is_x_transpose_x(width: int) -> None:
+    x = torch.randn(300, width, generator=torch.Generator().manual_seed(width))  # (tokens, in)
+    total = torch.ones(width, width, dtype=torch.float64)  # added to, not overwritten
+    add_gram(total, x)
+    expected = 1.0 + x.double().T @ x.double()
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-3)
+    if width >= SPLIT_FROM:  # built from blocks: symmetric by construction
+        assert torch.equal(total, total.T)
