@@ -34,16 +34,12 @@ def test_single_layer_loss_is_measured_with_that_layer_alone_truncated(method: s
     windows, loss_ids = make_windows(8, 16), make_windows(2, 16, seed=1)
     name = "model.layers.1.mlp.down_proj"
     ranks = {n: 4 for n in names}
-    found = single_layer_losses(
-        model,
-        names,
-        get_method(method),
-        ranks,
-        windows,
-        loss_ids,
-        torch.float32,
-        MethodOptions(),
-    )
+
+    def measure(**known: set[int]) -> dict[str, tuple[int, float]]:
+        args = (model, names, get_method(method), ranks, windows, loss_ids, torch.float32)
+        return single_layer_losses(*args, MethodOptions(), known=known)
+
+    found = measure()
     assert set(found) == set(names) and all(rank == 4 for rank, _ in found.values())
     # the same truncation by hand: the method's factors of the dense grams, others dense
     stats = rankwise.calibrate.collect(model, names, windows, frozenset({"input_gram"}))
@@ -57,17 +53,7 @@ def test_single_layer_loss_is_measured_with_that_layer_alone_truncated(method: s
         dense = float(model(input_ids=loss_ids, labels=loss_ids).loss)
         truncated = float(trial(input_ids=loss_ids, labels=loss_ids).loss)
     assert found[name][1] == pytest.approx(truncated - dense, rel=1e-3, abs=1e-6)
-    again = single_layer_losses(
-        model,
-        names,
-        get_method(method),
-        ranks,
-        windows,
-        loss_ids,
-        torch.float32,
-        MethodOptions(),
-        known={name: {4}},
-    )
+    again = measure(**{name: {4}})
     assert set(again) == set(names) - {name}  # measured before at that rank: not again
 
 
