@@ -179,3 +179,18 @@ def saved_targets(directory: str | Path) -> dict[str, dict]:
     if isinstance(targets, dict):
         return targets
     return {t["name"]: t for t in targets}
+
+
+def spy_compressed(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[bool]:
+    """Wrap `owner.name(model, ...)`; each call appends whether `model` held factored layers."""
+    from rankwise.layers import LowRankLinear
+
+    seen: list[bool] = []
+    real = getattr(owner, name)
+
+    def spy(model: nn.Module, *args: object, **kwargs: object) -> object:
+        seen.append(any(isinstance(m, LowRankLinear) for m in model.modules()))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return seen

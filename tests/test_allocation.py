@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model, make_windows
+from conftest import make_model, make_windows, spy_compressed
 
 import rankwise
 from rankwise.allocate import LayerShape, allocate_importance, targeted_params
@@ -118,14 +118,7 @@ def test_second_round_weighs_layers_by_the_compressed_models_fisher(
     re-allocates, and compresses again from the dense weights, within the same budget."""
     import rankwise.plan as plan
 
-    seen: list[bool] = []
-    measure = plan.calibrate.collect_output_fisher
-
-    def spy(model: torch.nn.Module, *args: object, **kwargs: object) -> dict:
-        seen.append(any(isinstance(m, LowRankLinear) for m in model.modules()))
-        return measure(model, *args, **kwargs)
-
-    monkeypatch.setattr(plan.calibrate, "collect_output_fisher", spy)
+    seen = spy_compressed(monkeypatch, plan.calibrate, "collect_output_fisher")
     model = make_model("llama")
     result = importance_run(model, importance_rounds=2, sequential=sequential)
     assert seen[-1] is True  # the last Fisher was measured on a compressed model

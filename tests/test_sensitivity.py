@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from conftest import make_model, make_windows
+from conftest import make_model, make_windows, spy_compressed
 
 import rankwise
-from rankwise.layers import LowRankLinear, factored_layer
+from rankwise.layers import factored_layer
 from rankwise.methods import MethodOptions, get_method
 from rankwise.models import find_targets, linear_weight, set_module
 from rankwise.recipe import Recipe
@@ -107,14 +107,7 @@ def test_measurement_runs_on_the_dense_model_in_the_last_round(
 ) -> None:
     import rankwise.plan as plan
 
-    seen: list[bool] = []
-    real = plan.sensitivity.single_layer_losses
-
-    def spy(model: torch.nn.Module, *args: object, **kwargs: object) -> dict:
-        seen.append(any(isinstance(m, LowRankLinear) for m in model.modules()))
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(plan.sensitivity, "single_layer_losses", spy)
+    seen = spy_compressed(monkeypatch, plan.sensitivity, "single_layer_losses")
     recipe = Recipe(calib_dtype="float32", ratio=0.5, importance_rounds=2, importance_measure=2)
     result = rankwise.compress(make_model("llama"), recipe, windows=make_windows(8, 16))
     assert seen == [False, False]  # two passes, after round 2 put the dense layers back
