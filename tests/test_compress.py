@@ -315,22 +315,32 @@ def test_whiten_on_targets_outside_the_blocks_uses_a_whole_model_pass() -> None:
     assert all(0.0 < layer.rel_error < 1.0 for layer in result.layers)
 
 
-def test_sequential_equals_compressing_block_by_block_by_hand() -> None:
+@pytest.mark.parametrize(
+    ("family", "block_targets", "ratio"),
+    [
+        ("llama", r"layers\.{}\.(self_attn|mlp)\.\w+_proj$", 0.25),
+        ("gpt2", r"h\.{}\.(attn|mlp)\.c_\w+$", 0.375),
+    ],
+)
+def test_sequential_equals_compressing_block_by_block_by_hand(
+    family: str, block_targets: str, ratio: float
+) -> None:
     """Sequential: block k's statistics come from the model whose blocks before k are compressed.
 
-    Ratio 0.25 gives every tiny-llama layer a whole rank, so allocating per block or for the whole
-    model gives the same ranks and only the statistics can differ.
+    The ratios give every tiny layer a whole rank, so allocating per block or for the whole
+    model gives the same ranks and only the statistics can differ. GPT-2 hands its blocks the
+    key/value cache positionally: a block run twice must not attend to its first run's keys.
     """
     windows = make_windows()
-    base = make_model("llama")
+    base = make_model(family)
     by_hand = copy.deepcopy(base)
     hand_ranks = {}
     for block in ("0", "1"):
-        targets = [rf"layers\.{block}\.(self_attn|mlp)\.\w+_proj$"]
+        targets = [block_targets.format(block)]
         recipe = Recipe(
             allocation="uniform",
             method="whiten",
-            ratio=0.25,
+            ratio=ratio,
             targets=targets,
             calib_dtype="float32",
             sequential=False,
@@ -338,7 +348,7 @@ def test_sequential_equals_compressing_block_by_block_by_hand() -> None:
         hand_ranks.update(rankwise.compress(by_hand, recipe, windows=windows).ranks)
     sequential = copy.deepcopy(base)
     recipe = Recipe(
-        allocation="uniform", method="whiten", ratio=0.25, calib_dtype="float32", sequential=True
+        allocation="uniform", method="whiten", ratio=ratio, calib_dtype="float32", sequential=True
     )
     assert rankwise.compress(sequential, recipe, windows=windows).ranks == hand_ranks
     torch.testing.assert_close(
@@ -346,7 +356,7 @@ def test_sequential_equals_compressing_block_by_block_by_hand() -> None:
     )
     one_pass = copy.deepcopy(base)
     recipe = Recipe(
-        allocation="uniform", method="whiten", ratio=0.25, calib_dtype="float32", sequential=False
+        allocation="uniform", method="whiten", ratio=ratio, calib_dtype="float32", sequential=False
     )
     rankwise.compress(one_pass, recipe, windows=windows)
     assert not torch.allclose(model_output(one_pass, IDS), model_output(sequential, IDS))

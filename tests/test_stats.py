@@ -10,7 +10,7 @@ from conftest import clone, make_model, make_windows, model_output, word_text, w
 from safetensors.torch import save_file
 
 import rankwise
-from rankwise.calibrate import SPLIT_FROM, Statistics, add_gram, collect, collect_output_fisher
+from rankwise.calibrate import SPLIT_FROM, Statistics, add_gram, collect
 from rankwise.errors import RankwiseError
 from rankwise.models import cast_copy, find_targets, linear_weight
 from rankwise.recipe import Recipe
@@ -234,40 +234,6 @@ def test_cast_copy_is_a_frozen_converted_copy_with_ties_kept(family: str) -> Non
     same = cast_copy(model, torch.float32)  # same dtype: storage shared, modules separate
     assert same.model.layers[0] is not model.model.layers[0]
     torch.testing.assert_close(model_output(same, IDS), model_output(model, IDS))
-
-
-def reference_output_fisher(model: torch.nn.Module, names: list[str], windows: torch.Tensor):
-    """Mean over tokens of (d summed window loss / d output)^2, one autograd.grad per window."""
-    totals = {n: 0.0 for n in names}
-    outputs: dict[str, torch.Tensor] = {}
-    for window in windows:
-        handles = [
-            model.get_submodule(n).register_forward_hook(
-                lambda m, a, out, n=n: outputs.__setitem__(n, out)
-            )
-            for n in names
-        ]
-        batch = window[None]
-        embeds = model.get_input_embeddings()(batch).detach().requires_grad_(True)
-        loss = model(inputs_embeds=embeds, labels=batch).loss * (batch.shape[1] - 1)
-        grads = torch.autograd.grad(loss, [outputs[n] for n in names])
-        for handle in handles:
-            handle.remove()
-        for name, grad in zip(names, grads, strict=True):
-            totals[name] = totals[name] + grad.reshape(-1, grad.shape[-1]).double().square().sum(0)
-    return {n: total / windows.numel() for n, total in totals.items()}
-
-
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_output_fisher_is_mean_squared_output_gradient(family: str) -> None:
-    model = make_model(family)
-    names = find_targets(model)
-    windows = make_windows(3, 12)
-    found = collect_output_fisher(model, names, windows, torch.float32)
-    expected = reference_output_fisher(model, names, windows)
-    for name in names:
-        torch.testing.assert_close(found[name], expected[name], rtol=1e-4, atol=1e-12)
-    assert all(p.requires_grad for p in model.parameters())  # a private frozen copy was used
 
 
 @pytest.mark.parametrize("width", [SPLIT_FROM - 1, SPLIT_FROM, SPLIT_FROM + 77])

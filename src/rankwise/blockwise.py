@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from rankwise.errors import CalibrationError
 from rankwise.models import cast_copy
@@ -53,6 +54,10 @@ def in_one_block_list(model: nn.Module, names: list[str]) -> bool:
 
 
 def _cast(value: object, dtype: torch.dtype) -> object:
+    if isinstance(value, Cache):
+        # a key/value cache handed over positionally (GPT-2's layer_past): kept, every later run
+        # of a block would attend to the keys its earlier runs left there
+        return None
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value.to(dtype)
     if isinstance(value, tuple):
@@ -66,8 +71,12 @@ def capture_inputs(
     windows: torch.Tensor,
     batch_size: int,
     dtype: torch.dtype,
+    inference: bool = True,
 ) -> BlockInputs:
-    """Run the model until block 0 for each batch, keeping what block 0 receives."""
+    """Run the model until block 0 for each batch, keeping what block 0 receives.
+
+    `inference=False` gives ordinary tensors (no graph) that autograd may save later.
+    """
     inputs = BlockInputs([], [], [])
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -80,7 +89,7 @@ def capture_inputs(
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode() if inference else torch.no_grad():
             for start in range(0, len(windows), batch_size):
                 try:
                     model(input_ids=windows[start : start + batch_size])

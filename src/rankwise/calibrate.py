@@ -25,8 +25,10 @@ from torch import nn
 
 from rankwise.blockwise import find_blocks, run_blocks, used_blocks
 from rankwise.errors import CalibrationError, RankwiseError
+from rankwise.lm_loss import has_lm_head
 from rankwise.methods.base import LayerStats
 from rankwise.models import cast_copy, is_conv1d, linear_weight
+from rankwise.output_fisher import collect_output_fisher
 
 Progress = Callable[[int], None]  # called with the number of windows just processed
 
@@ -277,67 +279,6 @@ def collect_fisher(
         for param, flag in flags.items():
             param.requires_grad_(flag)
     return fisher
-
-
-def has_lm_head(model: nn.Module) -> bool:
-    """A loss to differentiate: the model predicts tokens (not a bare encoder)."""
-    return getattr(model, "get_output_embeddings", lambda: None)() is not None
-
-
-def collect_output_fisher(
-    model: nn.Module,
-    names: list[str],
-    windows: torch.Tensor,
-    dtype: torch.dtype = torch.float32,
-    progress: Progress | None = None,
-    batch_size: int = 1,
-) -> dict[str, torch.Tensor]:
-    """Per target (out,): mean over tokens of (d loss / d output)^2, in float64.
-
-    The loss is the summed token loss of each window, so a window's gradient does not depend on
-    the batch it shares. Only input gradients flow (weights are frozen in a private copy).
-    One window per backward: the autograd graph of a 4-window batch (logits included) took the
-    default run's peak memory from 2 GB to 5.2 GB, for little speed.
-    """
-    if not has_lm_head(model):
-        raise RankwiseError("importance needs a language model head (a causal LM)")
-    runner = cast_copy(model, dtype)
-    totals = {n: torch.zeros((), dtype=torch.float64) for n in names}
-    reached: set[str] = set()
-
-    def add(name: str, grad: torch.Tensor) -> None:
-        flat = grad.reshape(-1, grad.shape[-1]).float()  # (tokens, out)
-        totals[name] = totals[name] + flat.square().sum(0).double()
-        reached.add(name)
-
-    def watch(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            output.register_hook(lambda grad: add(name, grad))
-
-        return hook
-
-    # Gradient hooks square and sum each output's gradient as the backward pass reaches it, so
-    # neither all 200 gradients nor the whole graph are alive at once.
-    handles = [runner.get_submodule(n).register_forward_hook(watch(n)) for n in names]
-    tokens = 0
-    try:
-        for start in range(0, len(windows), batch_size):
-            batch = windows[start : start + batch_size]  # (batch, seq)
-            embeds = runner.get_input_embeddings()(batch).detach().requires_grad_(True)
-            loss = runner(inputs_embeds=embeds, labels=batch, use_cache=False).loss
-            predicted = batch.shape[0] * (batch.shape[1] - 1)
-            (loss * predicted).backward()
-            missing = [n for n in names if n not in reached]
-            if missing:
-                raise CalibrationError(f"the loss does not depend on {missing[0]}")
-            reached.clear()
-            tokens += batch.numel()
-            if progress:
-                progress(len(batch))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {n: total / tokens for n, total in totals.items()}
 
 
 def collect(

@@ -21,15 +21,14 @@ import math
 from collections.abc import Collection, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rankwise import calibrate, importance
 from rankwise.allocate import LayerShape, rescale_tails
 from rankwise.blockwise import BlockInputs, _forward_all, capture_inputs, find_blocks
 from rankwise.calibrate import Progress
-from rankwise.errors import CalibrationError
 from rankwise.layers import factored_layer
+from rankwise.lm_loss import final_head, sliced_loss
 from rankwise.methods import LayerStats, Method, MethodOptions
 from rankwise.models import cast_copy, linear_weight, set_module
 
@@ -56,7 +55,7 @@ class TailLoss:
         self.inputs: BlockInputs = capture_inputs(
             self.runner, self.blocks[0], windows, len(windows), dtype
         )
-        self.norm, self.head, self.softcap = _head(self.runner)
+        self.head = final_head(self.runner)
         self.hidden = [self.inputs.hidden]
         with torch.inference_mode():
             for block in self.blocks:
@@ -69,27 +68,8 @@ class TailLoss:
             hidden = self.hidden[index]
             for block in self.blocks[index:]:
                 hidden = _forward_all(block, hidden, self.inputs)
-            states = self.norm(hidden[0])  # (count, seq, hidden)
-            total = 0.0
-            for row, ids in zip(states, self.windows, strict=True):
-                logits = self.head(row).float()  # (seq, vocab)
-                if self.softcap:
-                    logits = torch.tanh(logits / self.softcap) * self.softcap
-                total += float(F.cross_entropy(logits[:-1], ids[1:], reduction="sum"))
+            total, _ = sliced_loss(self.head, hidden[0], self.windows)
         return total / (self.windows.shape[0] * (self.windows.shape[1] - 1))
-
-
-def _head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
-    """(final norm, LM head, logit soft-cap) of a decoder whose blocks sit in one list."""
-    base = getattr(model, "base_model", model)
-    norm = next(
-        (getattr(base, a) for a in ("norm", "ln_f", "final_layernorm") if hasattr(base, a)), None
-    )
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if norm is None or head is None:
-        raise CalibrationError("measured importance needs a decoder with a final norm and LM head")
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    return norm, head, softcap
 
 
 def probe_rank(rank: int | None, out_features: int, in_features: int) -> int:
