@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 import rankwise
 from rankwise.calibrate import SPLIT_FROM, Statistics, add_gram, collect
 from rankwise.errors import RankwiseError
+from rankwise.memory import release_freed_memory
 from rankwise.models import cast_copy, find_targets, linear_weight
 from rankwise.recipe import Recipe
 
@@ -245,3 +246,10 @@ def test_gram_of_wide_inputs_from_symmetric_blocks_is_x_transpose_x(width: int) 
     torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-3)
     if width >= SPLIT_FROM:  # built from blocks: symmetric by construction
         assert torch.equal(total, total.T)
+
+
+def test_releasing_freed_memory_is_safe_to_call_anywhere() -> None:
+    before = torch.arange(10.0)
+    release_freed_memory()
+    release_freed_memory()
+    assert torch.equal(before, torch.arange(10.0))

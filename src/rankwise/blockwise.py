@@ -18,6 +18,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from rankwise.errors import CalibrationError
+from rankwise.memory import release_freed_memory
 from rankwise.models import cast_copy
 
 
@@ -124,6 +125,7 @@ def run_blocks(
     hidden = inputs.hidden
     with torch.inference_mode():
         for index in range(used[-1] + 1):
+            release_freed_memory()  # the last block's copies, grams and outputs
             block = cast_copy(blocks[index], dtype)
             outputs: list[torch.Tensor] = []
 

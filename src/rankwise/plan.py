@@ -23,6 +23,7 @@ from torch import nn
 from rankwise import calibrate, importance, sensitivity
 from rankwise.allocate import LayerShape, allocate_importance, allocate_uniform
 from rankwise.calibrate import Statistics
+from rankwise.memory import release_freed_memory
 from rankwise.methods import LayerStats, Method, MethodOptions
 from rankwise.models import set_module
 from rankwise.progress import Reporter, Timer
@@ -148,6 +149,7 @@ class Plan:
                     fisher = calibrate.collect_output_fisher(
                         self.model, self.names, subset, dtype, advance
                     )
+        release_freed_memory()  # the bf16 copy and logits of the Fisher pass
         stats = Statistics({n: LayerStats(output_fisher=fisher.get(n)) for n in self.names})
         return stats, spectra
 
