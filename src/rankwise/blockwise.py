@@ -56,7 +56,7 @@ def in_one_block_list(model: nn.Module, names: list[str]) -> bool:
 
 def _cast(value: object, dtype: torch.dtype) -> object:
     if isinstance(value, Cache):
-        # a key/value cache handed over positionally (GPT-2's layer_past): kept, every later run
+        # a key/value cache handed over positionally (GPT-2's layer_past): if kept, each later run
         # of a block would attend to the keys its earlier runs left there
         return None
     if isinstance(value, torch.Tensor) and value.is_floating_point():
