@@ -45,7 +45,7 @@ def assert_matches_reference(model: torch.nn.Module, names: list[str], batch_siz
 
 
 def pass_kind(model: torch.nn.Module, names: list[str]) -> type:
-    return type(output_fisher._backward_pass(model, names, make_windows(2, 12), 1))
+    return type(output_fisher._backward_pass(model, names, make_windows(2, 12), 1, torch.float32))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])

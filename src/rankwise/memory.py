@@ -10,15 +10,13 @@ counted in its peak resident size.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 
 def release_freed_memory() -> None:
     """`malloc_trim(0)` where the C library has it (glibc); a no-op elsewhere."""
-    name = ctypes.util.find_library("c")
     try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own symbols
+    except (OSError, TypeError):  # no such handle on this platform
         return
     if trim is not None:
         trim(0)

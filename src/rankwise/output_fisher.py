@@ -25,11 +25,10 @@ from rankwise.blockwise import (
     _block_output,
     capture_inputs,
     find_blocks,
-    in_one_block_list,
     used_blocks,
 )
 from rankwise.errors import CalibrationError, RankwiseError
-from rankwise.lm_loss import final_head, has_lm_head, reproduces_loss, sliced_loss
+from rankwise.lm_loss import Head, final_head, has_lm_head, reproduces_loss, sliced_loss
 from rankwise.models import cast_copy
 
 CHECK_LEN = 64  # tokens on which the rebuilt head is checked against the model's own loss
@@ -85,15 +84,17 @@ class _BlockByBlock:
     """Backward of a batch's summed loss with one block's graph alive at a time."""
 
     def __init__(
-        self, runner: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int
+        self,
+        runner: nn.Module,
+        blocks: nn.ModuleList,
+        first: int,
+        head: Head,
+        windows: torch.Tensor,
+        batch_size: int,
+        dtype: torch.dtype,
     ) -> None:
-        _, self.blocks = find_blocks(runner, names)
-        self.first = used_blocks(runner, names)[0]
-        self.head = final_head(runner)
-        dtype = next(runner.parameters()).dtype
-        self.inputs = capture_inputs(
-            runner, self.blocks[0], windows, batch_size, dtype, inference=False
-        )
+        self.blocks, self.first, self.head = blocks, first, head
+        self.inputs = capture_inputs(runner, blocks[0], windows, batch_size, dtype, inference=False)
 
     def __call__(self, index: int, batch: torch.Tensor) -> None:
         args, kwargs = self.inputs.args[index], self.inputs.kwargs[index]
@@ -112,18 +113,18 @@ class _BlockByBlock:
 
 
 def _backward_pass(
-    runner: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int
+    runner: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int, dtype: torch.dtype
 ) -> Callable[[int, torch.Tensor], None]:
     """Block by block where the blocks sit in one list and the rebuilt head is the model's."""
-    if in_one_block_list(runner, names):
+    try:
         _, blocks = find_blocks(runner, names)
-        try:
-            head = final_head(runner)
-        except CalibrationError:
-            return _WholeModel(runner)
-        if reproduces_loss(runner, blocks[-1], head, windows[:1, :CHECK_LEN]):
-            return _BlockByBlock(runner, names, windows, batch_size)
-    return _WholeModel(runner)
+        head = final_head(runner)
+    except CalibrationError:
+        return _WholeModel(runner)
+    if not reproduces_loss(runner, blocks[-1], head, windows[:1, :CHECK_LEN]):
+        return _WholeModel(runner)
+    first = used_blocks(runner, names)[0]
+    return _BlockByBlock(runner, blocks, first, head, windows, batch_size, dtype)
 
 
 def collect_output_fisher(
@@ -138,7 +139,7 @@ def collect_output_fisher(
     if not has_lm_head(model):
         raise RankwiseError("importance needs a language model head (a causal LM)")
     runner = cast_copy(model, dtype)
-    backward = _backward_pass(runner, names, windows, batch_size)
+    backward = _backward_pass(runner, names, windows, batch_size, dtype)
     totals = _Totals(runner, names)
     tokens = 0
     try:
