@@ -248,6 +248,18 @@ def test_gram_of_wide_inputs_from_symmetric_blocks_is_x_transpose_x(width: int) 
         assert torch.equal(total, total.T)
 
 
+@pytest.mark.parametrize("width", [SPLIT_FROM - 1, SPLIT_FROM + 77])
+def test_gram_of_bfloat16_inputs_is_within_one_bfloat16_rounding_of_exact(width: int) -> None:
+    x = torch.randn(2048, width, generator=torch.Generator().manual_seed(width)).bfloat16()
+    total = torch.zeros(width, width, dtype=torch.float64)
+    add_gram(total, x)
+    add_gram(total, x)  # two batches, each rounded once
+    exact = 2 * x.double().T @ x.double()  # (in, in), the gram of the bfloat16 values
+    scale = exact.abs() + exact.diagonal().mean() / 64  # off-diagonals are sums of +-products
+    assert ((total - exact).abs() / scale).max() < 2**-7
+    assert (total - exact).norm() / exact.norm() < 2**-9
+
+
 def test_releasing_freed_memory_is_safe_to_call_anywhere() -> None:
     before = torch.arange(10.0)
     release_freed_memory()

@@ -97,18 +97,27 @@ class Statistics:
 
 
 # from this input width on, a gram is built from its blocks (narrower: one GEMM is as fast)
-SPLIT_FROM = 1024
+SPLIT_FROM = 512
 
 
 def add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
-    """total (in, in) float64 += X^T X of a (tokens, in) matrix, the product in float32.
+    """total (in, in) float64 += X^T X of a (tokens, in) matrix.
 
-    X^T X is symmetric: wide inputs (>= SPLIT_FROM features, MLP down projections) are split in
-    two column halves, and the two diagonal blocks and one off-diagonal block take 3/4 of the
-    multiply-adds of the full product. torch's GEMM, not BLAS syrk: scipy's OpenBLAS threads
-    and torch's OpenMP threads spin against each other between layers (measured 2x slower).
+    bfloat16 inputs (the default calibration dtype) are multiplied in bfloat16: the GEMM
+    accumulates in float32 and rounds each batch's product to bfloat16 once (2^-9 relative per
+    entry; the batches' roundings average out in the float64 total). On SmolLM2's grams that
+    changed the whitened truncation error by under 0.01% and halved the time of the float32
+    product (the four grams of a block: ~1.9 s -> ~1 s on 128 x 512 tokens). Other dtypes are
+    multiplied in float32, so float32 calibration stays exact.
+
+    X^T X is symmetric: wide inputs (>= SPLIT_FROM features) are split in two column halves, and
+    the two diagonal blocks and one off-diagonal block take 3/4 of the multiply-adds of the full
+    product. torch's GEMM, not BLAS syrk: scipy's OpenBLAS threads and torch's OpenMP threads
+    spin against each other between layers (measured 2x slower).
     """
-    flat = x.detach().float()  # (tokens, in)
+    flat = x.detach()  # (tokens, in)
+    if flat.dtype != torch.bfloat16:
+        flat = flat.float()
     width = flat.shape[1]
     if width < SPLIT_FROM:
         total += (flat.T @ flat).double()
