@@ -15,6 +15,7 @@ from rankwise.compress import relative_error
 from rankwise.errors import CalibrationError, RankwiseError
 from rankwise.methods import REGISTRY, LayerStats, MethodOptions, get_method
 from rankwise.methods.base import split_singular
+from rankwise.methods.whiten import whitening_basis
 
 METHODS = sorted(REGISTRY)
 OUT, IN, TOKENS = 24, 32, 200
@@ -180,6 +181,37 @@ def test_svd_is_optimal_in_weight_error() -> None:
     factors = run("svd", w, inputs(), fisher_for(), 6)
     error = float((w - factors.left @ factors.right).double().square().sum())
     assert error == pytest.approx(float(factors.spectrum[6:].double().square().sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("rank", [3, 12])
+def test_whiten_output_side_equals_the_whitened_svd_on_an_invertible_gram(rank: int) -> None:
+    """Layers no wider out than in project W on its outputs' principal directions instead of
+    undoing a whitening: same factors, same spectrum."""
+    w, x = weight(), inputs()  # (OUT <= IN)
+    factors = run("whiten", w, x, fisher_for(), rank)
+    eigvecs, roots = whitening_basis(x.T @ x, OPTIONS.eig_floor)
+    u, s, vh = torch.linalg.svd((w.double() @ eigvecs) * roots, full_matrices=False)
+    left, right_white = split_singular(u, s, vh, rank)
+    right = (right_white / roots) @ eigvecs.T
+    torch.testing.assert_close(factors.spectrum.double(), s, rtol=1e-5, atol=1e-5 * float(s[0]))
+    torch.testing.assert_close(factors.left @ factors.right, (left @ right).float())
+    # balanced like the input side's: the same column and row norms
+    torch.testing.assert_close(
+        factors.left.norm(dim=0).double(), left.norm(dim=0), rtol=1e-4, atol=0
+    )
+    torch.testing.assert_close(
+        factors.right.norm(dim=1).double(), right.norm(dim=1), rtol=1e-4, atol=0
+    )
+    spectrum = get_method("whiten").spectrum(w, LayerStats(input_gram=x.T @ x), OPTIONS)
+    torch.testing.assert_close(spectrum, factors.spectrum)
+
+
+def test_whiten_output_side_of_a_zero_gram_is_finite() -> None:
+    """Outputs the data never excites: nothing to balance by, factors stay finite."""
+    w = weight()
+    factors = run("whiten", w, torch.zeros(5, IN, dtype=torch.float64), fisher_for(), 4)
+    assert torch.isfinite(factors.left).all() and torch.isfinite(factors.right).all()
+    assert (factors.spectrum == 0).all()
 
 
 def test_whiten_reuses_the_basis_of_a_shared_gram() -> None:

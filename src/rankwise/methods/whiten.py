@@ -7,6 +7,13 @@ the sum of the dropped squared singular values of A.
 
 No Cholesky, no inverse: eigenvalues are clamped at `eig_floor * max(lam)`, so dead input channels
 and grams from fewer tokens than features still give finite, well-defined factors.
+
+Layers no wider out than in (q/k/v/o, MLP down) take the output side instead: the left singular
+vectors U of A are the eigenvectors of A A^T = W G W^T (out, out), and the truncated SVD of A is
+U_r U_r^T A, so W' = U_r U_r^T W, the projection of W's outputs on their top-r principal
+directions. That is the same optimum with no square root of G to floor or undo, and it skips the
+eigendecomposition of G: for SmolLM2's 1536-wide MLP gram that alone took 0.5 s of every block's
+~1 s of factorization.
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ import torch
 
 from rankwise.errors import CalibrationError
 from rankwise.methods.base import Factors, LayerStats, MethodOptions, split_singular
+
+# singular values below this share of the largest do not balance the output side's factors
+EXCITED = 1e-6
 
 
 def whitening_basis(
@@ -34,14 +44,12 @@ class Whiten:
     needs: frozenset[str] = frozenset({"input_gram"})
 
     def __init__(self) -> None:
-        # q/k/v (and gate/up) share one input gram and are factorized one after another: keep
-        # the last decomposition only, so finished blocks' grams and bases can be freed.
+        # gate/up (and sparse's q/k/v) share one input gram and are factorized one after
+        # another: keep the last decomposition only, so finished blocks' grams can be freed.
         self._last: tuple[torch.Tensor, float, torch.Tensor, torch.Tensor] | None = None
 
     def _basis(self, stats: LayerStats, eig_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
-        if stats.input_gram is None:
-            raise CalibrationError("whiten needs calibration statistics (input_gram)")
-        gram = stats.input_gram
+        gram = _gram(stats)
         if self._last is None or self._last[0] is not gram or self._last[1] != eig_floor:
             self._last = (gram, eig_floor, *whitening_basis(gram, eig_floor))
         return self._last[2], self._last[3]
@@ -49,6 +57,9 @@ class Whiten:
     def factorize(
         self, weight: torch.Tensor, stats: LayerStats, rank: int, options: MethodOptions
     ) -> Factors:
+        out_features, in_features = weight.shape
+        if out_features <= in_features:
+            return _output_side(weight, _gram(stats), rank)
         eigvecs, roots = self._basis(stats, options.eig_floor)
         scaled = (weight.double() @ eigvecs) * roots  # (out, in): W Q diag(sqrt lam)
         # The SVD in float32 is 2x faster and exact to ~1e-6 relative; the basis stays float64.
@@ -61,6 +72,42 @@ class Whiten:
     def spectrum(
         self, weight: torch.Tensor, stats: LayerStats, options: MethodOptions
     ) -> torch.Tensor:
+        if weight.shape[0] <= weight.shape[1]:
+            return _output_spectrum(weight, _gram(stats))[0]
         eigvecs, roots = self._basis(stats, options.eig_floor)
         scaled = (weight.double() @ eigvecs) * roots  # (out, in)
         return torch.linalg.svdvals(scaled.float())
+
+
+def _gram(stats: LayerStats) -> torch.Tensor:
+    if stats.input_gram is None:
+        raise CalibrationError("whiten needs calibration statistics (input_gram)")
+    return stats.input_gram
+
+
+def _output_spectrum(
+    weight: torch.Tensor, input_gram: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values of W S (out,), float32, descending, and the matching eigenvectors of
+    W G W^T (out, out), float64: the principal directions of the layer's outputs."""
+    w = weight.double()  # (out, in)
+    output_gram = w @ input_gram.double() @ w.T  # (out, out): W G W^T, the outputs' gram
+    output_gram = (output_gram + output_gram.T) / 2  # symmetric to rounding
+    eigvals, eigvecs = torch.linalg.eigh(output_gram)  # ascending
+    values = eigvals.flip(0).clamp_min(0).sqrt()  # (out,)
+    return values.float(), eigvecs.flip(1)
+
+
+def _output_side(weight: torch.Tensor, input_gram: torch.Tensor, rank: int) -> Factors:
+    """W' = U_r U_r^T W, shared as (U_r sqrt s) (U_r^T W / sqrt s): with G invertible these are
+    the input side's factors exactly. Where s is ~0 (outputs the data never excites) the split
+    is left unbalanced rather than divided by nothing; the product is the same either way."""
+    spectrum, directions = _output_spectrum(weight, input_gram)
+    kept = directions[:, :rank]  # (out, rank), orthonormal
+    values = spectrum[:rank].double()  # (rank,)
+    alive = values > EXCITED * values[:1].clamp_min(torch.finfo(torch.float64).tiny)
+    root = torch.where(alive, values, torch.ones_like(values)).sqrt()  # (rank,)
+    left = kept * root  # (out, rank)
+    right = (kept.T @ weight.double()) / root[:, None]  # (rank, in)
+    dtype = weight.dtype
+    return Factors(left.to(dtype), right.to(dtype), spectrum=spectrum)
