@@ -360,3 +360,24 @@ def test_sequential_equals_compressing_block_by_block_by_hand(
     )
     rankwise.compress(one_pass, recipe, windows=windows)
     assert not torch.allclose(model_output(one_pass, IDS), model_output(sequential, IDS))
+
+
+@pytest.mark.parametrize("method", ["whiten", "sparse"])
+def test_one_pass_uniform_run_factorizes_each_block_as_its_grams_complete(
+    method: str, tmp_path: Path
+) -> None:
+    """Uniform ranks need no statistics up front, so a one-pass run factorizes block by block
+    (one block's grams in memory): the same model as factorizing from all statistics at once
+    (a statistics file forces that path)."""
+    windows = make_windows()
+    recipe = Recipe(
+        allocation="uniform", method=method, ratio=0.3, calib_dtype="float32", sequential=False
+    )
+    streamed = rankwise.compress(make_model("llama"), recipe, windows=windows)
+    assert "calibrate+factorize" in streamed.seconds and "calibrate" not in streamed.seconds
+    from_file = recipe.model_copy(update={"stats": str(tmp_path / "stats.safetensors")})
+    gathered = rankwise.compress(make_model("llama"), from_file, windows=windows)
+    assert "calibrate" in gathered.seconds
+    assert streamed.ranks == gathered.ranks
+    assert [r.rel_error for r in streamed.layers] == [r.rel_error for r in gathered.layers]
+    assert torch.equal(model_output(streamed.model, IDS), model_output(gathered.model, IDS))

@@ -212,7 +212,7 @@ def compress(
             run(loop)
         return loop
 
-    if sequential_applies(model, names, method, recipe, reporter):
+    if blockwise_applies(model, names, method, recipe, reporter):
         windows = resolve_windows(recipe, tokenizer, windows, reporter)
         ranks = plan.ranks(windows=windows)
         for round_ in range(1, rounds + 1):
@@ -221,7 +221,7 @@ def compress(
             loop = factorize_all(
                 ranks,
                 "calibrate+factorize",
-                lambda loop: compress_sequential(model, names, shapes, loop, recipe, windows),
+                lambda loop: compress_blockwise(model, names, shapes, loop, recipe, windows),
             )
     else:
         needs = method.needs | ({"output_fisher"} if needs_output_fisher(recipe) else set())
@@ -256,11 +256,18 @@ def compress(
     )
 
 
-def sequential_applies(
+def blockwise_applies(
     model: nn.Module, names: list[str], method: Method, recipe: Recipe, reporter: Reporter
 ) -> bool:
-    """Sequential calibration needs grams, fresh statistics, and targets inside the blocks."""
-    if not (recipe.sequential and not recipe.stats and "input_gram" in method.needs):
+    """Whether each block is factorized as soon as its grams are complete.
+
+    Sequential calibration needs it. A one-pass run takes it too when nothing needs every
+    layer's statistics first (uniform ranks, grams only, no statistics file to write): memory
+    then holds one block's grams instead of all of them (SmolLM2: 0.8 GB of float64).
+    """
+    if recipe.stats or "input_gram" not in method.needs:
+        return False
+    if not recipe.sequential and (recipe.allocation != "uniform" or method.needs != {"input_gram"}):
         return False
     if not in_one_block_list(model, names):
         reporter.log("targets are not all inside one list of blocks: one whole-model pass")
@@ -268,7 +275,7 @@ def sequential_applies(
     return True
 
 
-def compress_sequential(
+def compress_blockwise(
     model: nn.Module,
     names: list[str],
     shapes: dict[str, LayerShape],
@@ -276,12 +283,13 @@ def compress_sequential(
     recipe: Recipe,
     windows: torch.Tensor,
 ) -> None:
-    """Block by block: gather a block's statistics on the compressed prefix, then factorize it."""
+    """Block by block: gather a block's statistics, then factorize it. Sequential: the next
+    block's inputs come from the compressed block; else from the original one (one pass)."""
 
     def after_block(block_names: list[str], block_stats: dict[str, LayerStats]) -> bool:
         for name in block_names:
             loop(shapes[name], block_stats[name])
-        return True
+        return recipe.sequential
 
     dtype = getattr(torch, recipe.calib_dtype)
     calibrate.collect_grams(model, names, windows, dtype, after_block=after_block)
