@@ -381,3 +381,23 @@ def test_one_pass_uniform_run_factorizes_each_block_as_its_grams_complete(
     assert streamed.ranks == gathered.ranks
     assert [r.rel_error for r in streamed.layers] == [r.rel_error for r in gathered.layers]
     assert torch.equal(model_output(streamed.model, IDS), model_output(gathered.model, IDS))
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_factors_made_block_by_block_can_be_trained(sequential: bool) -> None:
+    """Block-by-block runs factorize inside the calibration's inference_mode; recovery must
+    still be able to train the factors in the same process."""
+    model = make_model("llama")
+    recipe = Recipe(
+        allocation="uniform",
+        method="whiten",
+        ratio=0.3,
+        calib_dtype="float32",
+        sequential=sequential,
+    )
+    rankwise.compress(model, recipe, windows=make_windows())
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    assert layers
+    for layer in layers:
+        assert not any(p.is_inference() for p in layer.parameters())
+        layer.left.requires_grad_(True)  # raises on an inference tensor

@@ -160,8 +160,10 @@ def test_bad_inputs_get_named_errors() -> None:
     assert any(isinstance(m, LowRankLinear) for m in student.modules())
 
 
-def test_cli_compress_with_recovery_then_recover_again(tmp_path: Path) -> None:
-    """compress --recover-steps, then `rankwise recover DIR`: both load and carry the log."""
+@pytest.mark.parametrize("method", ["svd", "whiten"])
+def test_cli_compress_with_recovery_then_recover_again(method: str, tmp_path: Path) -> None:
+    """compress --recover-steps, then `rankwise recover DIR`: both load and carry the log.
+    whiten factorizes block by block inside the calibration's inference mode (sequential)."""
     from conftest import word_text, word_tokenizer
     from test_cli import cli
 
@@ -170,7 +172,7 @@ def test_cli_compress_with_recovery_then_recover_again(tmp_path: Path) -> None:
     word_tokenizer().save_pretrained(tmp_path / "dense")
     (tmp_path / "calib.txt").write_text(word_text(2000, seed=1))
     result = cli(
-        "compress", "dense", "--out", "small", "--method", "svd", "--ratio", "0.5",
+        "compress", "dense", "--out", "small", "--method", method, "--ratio", "0.5",
         "--allocation", "uniform", "--calib", "calib.txt", "--recover-steps", "3",
         "--recover-lr", "1e-3", "--json", "figures.json",
         cwd=tmp_path,
@@ -192,7 +194,7 @@ def test_cli_compress_with_recovery_then_recover_again(tmp_path: Path) -> None:
     again = rankwise.load(tmp_path / "again", merge_policy="never")
     assert any(isinstance(m, LowRankLinear) for m in again.modules())
     block = json.loads((tmp_path / "again" / "config.json").read_text())["rankwise"]
-    assert block["recovery"]["steps"] == 4 and block["method"] == "svd"
+    assert block["recovery"]["steps"] == 4 and block["method"] == method
 
 
 def test_cli_recover_refuses_a_plain_directory(tmp_path: Path) -> None:

@@ -127,7 +127,12 @@ def factorize_layer(
     module = as_linear(model.get_submodule(name))
     factors = method.factorize(module.weight.detach(), stats, rank, options)
     bias = module.bias.detach() if module.bias is not None else None
-    set_module(model, name, factored_layer(factors.left, factors.right, factors.sparse, bias))
+    # Block-by-block runs factorize inside the calibration's inference_mode: the layer's own
+    # tensors are made outside it, or recovery could not train them (inference tensors never
+    # join autograd).
+    with torch.inference_mode(False):
+        layer = factored_layer(factors.left, factors.right, factors.sparse, bias)
+    set_module(model, name, layer)
     return factors
 
 
