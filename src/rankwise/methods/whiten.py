@@ -73,7 +73,7 @@ class Whiten:
         self, weight: torch.Tensor, stats: LayerStats, options: MethodOptions
     ) -> torch.Tensor:
         if weight.shape[0] <= weight.shape[1]:
-            return _output_spectrum(weight, _gram(stats))[0]
+            return _output_spectrum(weight, _gram(stats))[0].float()
         eigvecs, roots = self._basis(stats, options.eig_floor)
         scaled = (weight.double() @ eigvecs) * roots  # (out, in)
         return torch.linalg.svdvals(scaled.float())
@@ -88,14 +88,14 @@ def _gram(stats: LayerStats) -> torch.Tensor:
 def _output_spectrum(
     weight: torch.Tensor, input_gram: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Singular values of W S (out,), float32, descending, and the matching eigenvectors of
-    W G W^T (out, out), float64: the principal directions of the layer's outputs."""
+    """Singular values of W S (out,), descending, and the matching eigenvectors of W G W^T
+    (out, out), both float64: the principal directions of the layer's outputs."""
     w = weight.double()  # (out, in)
     output_gram = w @ input_gram.double() @ w.T  # (out, out): W G W^T, the outputs' gram
     output_gram = (output_gram + output_gram.T) / 2  # symmetric to rounding
     eigvals, eigvecs = torch.linalg.eigh(output_gram)  # ascending
     values = eigvals.flip(0).clamp_min(0).sqrt()  # (out,)
-    return values.float(), eigvecs.flip(1)
+    return values, eigvecs.flip(1)
 
 
 def _output_side(weight: torch.Tensor, input_gram: torch.Tensor, rank: int) -> Factors:
@@ -104,10 +104,10 @@ def _output_side(weight: torch.Tensor, input_gram: torch.Tensor, rank: int) -> F
     is left unbalanced rather than divided by nothing; the product is the same either way."""
     spectrum, directions = _output_spectrum(weight, input_gram)
     kept = directions[:, :rank]  # (out, rank), orthonormal
-    values = spectrum[:rank].double()  # (rank,)
+    values = spectrum[:rank]  # (rank,)
     alive = values > EXCITED * values[:1].clamp_min(torch.finfo(torch.float64).tiny)
     root = torch.where(alive, values, torch.ones_like(values)).sqrt()  # (rank,)
     left = kept * root  # (out, rank)
     right = (kept.T @ weight.double()) / root[:, None]  # (rank, in)
     dtype = weight.dtype
-    return Factors(left.to(dtype), right.to(dtype), spectrum=spectrum)
+    return Factors(left.to(dtype), right.to(dtype), spectrum=spectrum.float())
