@@ -136,32 +136,33 @@ def test_load_refuses_weights_that_do_not_match(tmp_path: Path) -> None:
         rankwise.load(out)
 
 
-def opt_model() -> nn.Module:
-    config = transformers.OPTConfig(
+def xglm_model() -> nn.Module:
+    """A family with no built-in targets (OPT-like names)."""
+    config = transformers.XGLMConfig(
         vocab_size=128,
-        hidden_size=64,
+        d_model=64,
         ffn_dim=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        num_layers=2,
+        attention_heads=4,
         max_position_embeddings=64,
-        word_embed_proj_dim=64,
+        pad_token_id=0,
     )
-    config.architectures = ["OPTForCausalLM"]
+    config.architectures = ["XGLMForCausalLM"]
     torch.manual_seed(0)
-    return transformers.OPTForCausalLM(config).eval()
+    return transformers.XGLMForCausalLM(config).eval()
 
 
-OPT_TARGETS = [r"layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)$"]
+XGLM_TARGETS = [r"layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)$"]
 
 
 def test_unsupported_architecture_names_it_and_suggests_targets() -> None:
-    model = opt_model()
+    model = xglm_model()
     assert model.config.model_type not in rankwise.models.BLOCK_LINEARS
     before = model_output(model, IDS)
     with pytest.raises(UnsupportedArchitectureError) as info:
         rankwise.compress(model, Recipe(allocation="uniform", method="svd"))
     message = str(info.value)
-    assert "'opt'" in message and "--targets" in message
+    assert "'xglm'" in message and "--targets" in message
     assert untouched(model, before)
 
 
@@ -179,15 +180,15 @@ def test_targets_that_match_nothing() -> None:
 def test_explicit_targets_make_an_unsupported_architecture_work(
     method: str, tmp_path: Path
 ) -> None:
-    model = opt_model()
+    model = xglm_model()
     recipe = Recipe(
-        allocation="uniform", method=method, ratio=0.3, targets=OPT_TARGETS, calib_dtype="float32"
+        allocation="uniform", method=method, ratio=0.3, targets=XGLM_TARGETS, calib_dtype="float32"
     )
     result = rankwise.compress(model, recipe, windows=make_windows())
     assert len(result.layers) == 2 * 6
     assert all(isinstance(model.get_submodule(n), LowRankLinear) for n in result.ranks)
-    loaded = rankwise.load(rankwise.save(result, str(tmp_path / "opt")))
-    assert type(loaded) is transformers.OPTForCausalLM
+    loaded = rankwise.load(rankwise.save(result, str(tmp_path / "xglm")))
+    assert type(loaded) is transformers.XGLMForCausalLM
     torch.testing.assert_close(
         model_output(loaded, IDS), model_output(model, IDS), atol=1e-5, rtol=0
     )

@@ -28,15 +28,30 @@ DEFAULT_NAME = "smollm2-135m-instruct"
 # Built-in targets per model_type: regexes over module names (the linears inside the blocks).
 # `(^|\.)`: the blocks sit at the top of a bare base model (LlamaModel: "layers.0...").
 _DECODER = r"(^|\.)layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
+_FUSED_DECODER = r"(^|\.)layers\.\d+\.(self_attn\.(qkv|o)_proj|mlp\.(gate_up|down)_proj)$"  # Phi-3
+# GPT-NeoX (Pythia), Falcon, BLOOM: fused query_key_value, MLP dense_h_to_4h / dense_4h_to_h
+_NEOX_LINEARS = r"(attention|self_attention)\.(query_key_value|dense)|mlp\.dense_(h_to_4h|4h_to_h)"
 BLOCK_LINEARS = {
-    "llama": _DECODER,
-    "qwen2": _DECODER,
-    "mistral": _DECODER,
-    "gemma3_text": _DECODER,
+    **dict.fromkeys(
+        (
+            *("llama", "qwen2", "qwen3", "mistral", "smollm3", "olmo2", "granite", "stablelm"),
+            *("gemma", "gemma2", "gemma3_text"),
+        ),
+        _DECODER,
+    ),
     "gemma3": r"language_model(\..*)?" + _DECODER,  # the text tower of the multimodal model
+    "phi3": _FUSED_DECODER,
+    "phi": r"(^|\.)layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|dense)|mlp\.fc[12])$",
+    "starcoder2": r"(^|\.)layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.c_(fc|proj))$",
+    "opt": r"(^|\.)layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc[12])$",
+    "gpt_neox": r"(^|\.)layers\.\d+\.(" + _NEOX_LINEARS + r")$",
+    **dict.fromkeys(("falcon", "bloom"), r"(^|\.)h\.\d+\.(" + _NEOX_LINEARS + r")$"),
     "bert": r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
     r"|intermediate\.dense|output\.dense)$",
-    "gpt2": r"(^|\.)h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$",
+    # GPT-2 stores Conv1D (handled as transposed linears); GPT-BigCode the same names as nn.Linear
+    **dict.fromkeys(
+        ("gpt2", "gpt_bigcode"), r"(^|\.)h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$"
+    ),
 }
 
 

@@ -1,0 +1,155 @@
+"""Built-in targets for decoder families beyond the common test matrix: each is found without
+`--targets`, compressed on the default path (whiten: sequential, importance allocation), saved,
+and loaded back to the same outputs, and it still generates."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import TINY_DECODER, VOCAB, make_windows, model_output
+from test_output_fisher import assert_matches_reference
+from torch import nn
+
+import rankwise
+from rankwise.calibrate import collect_grams, collect_grams_whole
+from rankwise.compress import compress
+from rankwise.models import BLOCK_LINEARS, find_targets
+from rankwise.recipe import Recipe
+
+_SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+# family -> (config class, model class, config kwargs, targeted linears per block)
+EXTRA: dict[str, tuple[type, type, dict, int]] = {
+    "qwen3": (
+        transformers.Qwen3Config,
+        transformers.Qwen3ForCausalLM,
+        dict(TINY_DECODER, head_dim=16),
+        7,
+    ),
+    "gemma2": (
+        transformers.Gemma2Config,
+        transformers.Gemma2ForCausalLM,
+        dict(TINY_DECODER, head_dim=16),
+        7,
+    ),
+    "smollm3": (
+        transformers.SmolLM3Config,
+        transformers.SmolLM3ForCausalLM,
+        dict(TINY_DECODER, pad_token_id=0),
+        7,
+    ),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, TINY_DECODER, 7),
+    "gemma": (
+        transformers.GemmaConfig,
+        transformers.GemmaForCausalLM,
+        dict(TINY_DECODER, head_dim=16),
+        7,
+    ),
+    "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, TINY_DECODER, 7),
+    "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM, TINY_DECODER, 7),
+    "stablelm": (transformers.StableLmConfig, transformers.StableLmForCausalLM, TINY_DECODER, 7),
+    "phi3": (
+        transformers.Phi3Config,
+        transformers.Phi3ForCausalLM,
+        dict(TINY_DECODER, pad_token_id=0),
+        4,  # fused qkv_proj and gate_up_proj
+    ),
+    "phi": (
+        transformers.PhiConfig,
+        transformers.PhiForCausalLM,
+        dict(_SMALL, intermediate_size=128, max_position_embeddings=64),
+        6,
+    ),
+    "starcoder2": (
+        transformers.Starcoder2Config,
+        transformers.Starcoder2ForCausalLM,
+        TINY_DECODER,
+        6,
+    ),
+    "opt": (
+        transformers.OPTConfig,
+        transformers.OPTForCausalLM,
+        dict(
+            _SMALL,
+            ffn_dim=128,
+            word_embed_proj_dim=64,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        ),
+        6,
+    ),
+    "gpt_neox": (
+        transformers.GPTNeoXConfig,
+        transformers.GPTNeoXForCausalLM,
+        dict(_SMALL, intermediate_size=128, max_position_embeddings=64),
+        4,
+    ),
+    "falcon": (transformers.FalconConfig, transformers.FalconForCausalLM, _SMALL, 4),
+    "bloom": (
+        transformers.BloomConfig,
+        transformers.BloomForCausalLM,
+        dict(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4),
+        4,
+    ),
+    "gpt_bigcode": (
+        transformers.GPTBigCodeConfig,
+        transformers.GPTBigCodeForCausalLM,
+        dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64),
+        4,
+    ),
+}
+
+
+def make_extra(family: str) -> nn.Module:
+    config_cls, model_cls, kwargs, _ = EXTRA[family]
+    config = config_cls(**kwargs)
+    config.architectures = [model_cls.__name__]
+    torch.manual_seed(0)
+    return model_cls(config).eval()
+
+
+@pytest.mark.parametrize("family", sorted(EXTRA))
+def test_built_in_targets_are_every_block_linear(family: str) -> None:
+    model = make_extra(family)
+    assert model.config.model_type in BLOCK_LINEARS
+    names = find_targets(model)
+    per_block, blocks = EXTRA[family][3], model.config.num_hidden_layers
+    assert len(names) == per_block * blocks
+    assert all(re.search(r"\.\d+\.", name) for name in names)  # inside the blocks
+    assert not any("lm_head" in name or "embed" in name for name in names)
+
+
+@pytest.mark.parametrize("family", sorted(EXTRA))
+def test_default_path_round_trip_and_generate(family: str, tmp_path: Path) -> None:
+    model = make_extra(family)
+    windows = make_windows(8, 16)
+    result = compress(model, Recipe(method="whiten", ratio=0.3), windows=windows)
+    assert abs(result.targeted_ratio - 0.3) < 0.02
+    out = rankwise.save(result, str(tmp_path / "out"))
+    loaded = rankwise.load(out)
+    ids = windows[:2]
+    torch.testing.assert_close(model_output(loaded, ids), model_output(model, ids))
+    generated = loaded.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, 7)
+
+
+@pytest.mark.parametrize("family", sorted(EXTRA))
+def test_block_by_block_grams_equal_a_whole_model_pass(family: str) -> None:
+    """The block runner hands each block what the model's own forward does (masks, positions)."""
+    model = make_extra(family)
+    names = find_targets(model)
+    windows = make_windows(4, 16)
+    by_block = collect_grams(model, names, windows)
+    whole = collect_grams_whole(model, names, windows, torch.float32)
+    for name in names:
+        torch.testing.assert_close(by_block[name].input_gram, whole[name].input_gram)
+
+
+@pytest.mark.parametrize("family", sorted(EXTRA))
+def test_output_fisher_equals_autograd(family: str) -> None:
+    model = make_extra(family)
+    assert_matches_reference(model, find_targets(model))
