@@ -12,10 +12,11 @@ import torch
 import transformers
 from conftest import TINY_DECODER, VOCAB, make_windows, model_output
 from test_output_fisher import assert_matches_reference
+from test_stats import reference_fisher
 from torch import nn
 
 import rankwise
-from rankwise.calibrate import collect_grams, collect_grams_whole
+from rankwise.calibrate import collect_fisher, collect_grams, collect_grams_whole
 from rankwise.compress import compress
 from rankwise.models import BLOCK_LINEARS, find_targets
 from rankwise.recipe import Recipe
@@ -153,3 +154,16 @@ def test_block_by_block_grams_equal_a_whole_model_pass(family: str) -> None:
 def test_output_fisher_equals_autograd(family: str) -> None:
     model = make_extra(family)
     assert_matches_reference(model, find_targets(model))
+
+
+@pytest.mark.parametrize("family", sorted(EXTRA))
+def test_weight_fisher_equals_autograd_and_drops_the_gradients(family: str) -> None:
+    model = make_extra(family)
+    names = find_targets(model)
+    windows = make_windows(3, 12)
+    fisher = collect_fisher(model, names, windows)
+    expected = reference_fisher(model, names, windows)
+    for name in names:
+        torch.testing.assert_close(fisher[name], expected[name], rtol=1e-4, atol=1e-9)
+        assert model.get_submodule(name).weight.grad is None
+    assert all(p.requires_grad for p in model.parameters())  # flags put back

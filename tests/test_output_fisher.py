@@ -81,7 +81,7 @@ def test_logits_the_head_cannot_rebuild_take_the_whole_model() -> None:
     model = make_model("llama")
     model.config.final_logit_softcapping = 0.05
     names = find_targets(model)
-    assert pass_kind(model, names) is output_fisher._WholeModel
+    assert pass_kind(model, names) is output_fisher.WholeModelBackward
     assert_matches_reference(model, names)
 
 
@@ -89,7 +89,7 @@ def test_targets_outside_the_blocks_take_the_whole_model() -> None:
     model = make_model("llama")
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie
     names = ["lm_head", "model.layers.0.mlp.down_proj"]
-    assert pass_kind(model, names) is output_fisher._WholeModel
+    assert pass_kind(model, names) is output_fisher.WholeModelBackward
     assert_matches_reference(model, names)
 
 

@@ -68,8 +68,9 @@ class _Totals:
             handle.remove()
 
 
-class _WholeModel:
-    """Backward of a batch's summed loss through the model's own forward and loss."""
+class WholeModelBackward:
+    """Backward of a batch's summed loss through the model's own forward and loss (gradients
+    reach whatever requires them; calibrate.collect_fisher reuses it for weight gradients)."""
 
     def __init__(self, runner: nn.Module) -> None:
         self.runner = runner
@@ -120,9 +121,9 @@ def _backward_pass(
         _, blocks = find_blocks(runner, names)
         head = final_head(runner)
     except CalibrationError:
-        return _WholeModel(runner)
+        return WholeModelBackward(runner)
     if not reproduces_loss(runner, blocks[-1], head, windows[:1, :CHECK_LEN]):
-        return _WholeModel(runner)
+        return WholeModelBackward(runner)
     first = used_blocks(runner, names)[0]
     return _BlockByBlock(runner, blocks, first, head, windows, batch_size, dtype)
 
