@@ -1,6 +1,7 @@
-"""Built-in targets for decoder families beyond the common test matrix: each is found without
-`--targets`, compressed on the default path (whiten: sequential, importance allocation), saved,
-and loaded back to the same outputs, and it still generates."""
+"""Built-in targets for families beyond the common test matrix: each is found without
+`--targets`, the block runner sees what the model's own forward does, and a compressed model
+saves and loads back to the same outputs (decoders: on the default path, whiten with sequential
+calibration and importance allocation, and they still generate)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch import nn
 import rankwise
 from rankwise.calibrate import collect_fisher, collect_grams, collect_grams_whole
 from rankwise.compress import compress
-from rankwise.models import BLOCK_LINEARS, find_targets
+from rankwise.models import BLOCK_LINEARS, find_targets, model_class_for
 from rankwise.recipe import Recipe
 
 _SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -104,21 +105,41 @@ EXTRA: dict[str, tuple[type, type, dict, int]] = {
     ),
 }
 
+_ENCODER = dict(_SMALL, intermediate_size=128, max_position_embeddings=64, pad_token_id=1)
+# encoders (no LM head): importance falls back to uniform, there is no output Fisher
+ENCODERS: dict[str, tuple[type, type, dict, int]] = {
+    "roberta": (transformers.RobertaConfig, transformers.RobertaModel, _ENCODER, 6),
+    "xlm-roberta": (transformers.XLMRobertaConfig, transformers.XLMRobertaModel, _ENCODER, 6),
+    "electra": (
+        transformers.ElectraConfig,
+        transformers.ElectraModel,
+        dict(_ENCODER, embedding_size=64),
+        6,
+    ),
+    "mpnet": (transformers.MPNetConfig, transformers.MPNetModel, _ENCODER, 6),
+    "distilbert": (
+        transformers.DistilBertConfig,
+        transformers.DistilBertModel,
+        dict(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=128),
+        6,
+    ),
+}
+
 
 def make_extra(family: str) -> nn.Module:
-    config_cls, model_cls, kwargs, _ = EXTRA[family]
+    config_cls, model_cls, kwargs, _ = {**EXTRA, **ENCODERS}[family]
     config = config_cls(**kwargs)
     config.architectures = [model_cls.__name__]
     torch.manual_seed(0)
     return model_cls(config).eval()
 
 
-@pytest.mark.parametrize("family", sorted(EXTRA))
+@pytest.mark.parametrize("family", sorted(EXTRA) + sorted(ENCODERS))
 def test_built_in_targets_are_every_block_linear(family: str) -> None:
     model = make_extra(family)
     assert model.config.model_type in BLOCK_LINEARS
     names = find_targets(model)
-    per_block, blocks = EXTRA[family][3], model.config.num_hidden_layers
+    per_block, blocks = {**EXTRA, **ENCODERS}[family][3], model.config.num_hidden_layers
     assert len(names) == per_block * blocks
     assert all(re.search(r"\.\d+\.", name) for name in names)  # inside the blocks
     assert not any("lm_head" in name or "embed" in name for name in names)
@@ -138,7 +159,7 @@ def test_default_path_round_trip_and_generate(family: str, tmp_path: Path) -> No
     assert generated.shape == (1, 7)
 
 
-@pytest.mark.parametrize("family", sorted(EXTRA))
+@pytest.mark.parametrize("family", sorted(EXTRA) + sorted(ENCODERS))
 def test_block_by_block_grams_equal_a_whole_model_pass(family: str) -> None:
     """The block runner hands each block what the model's own forward does (masks, positions)."""
     model = make_extra(family)
@@ -167,3 +188,22 @@ def test_weight_fisher_equals_autograd_and_drops_the_gradients(family: str) -> N
         torch.testing.assert_close(fisher[name], expected[name], rtol=1e-4, atol=1e-9)
         assert model.get_submodule(name).weight.grad is None
     assert all(p.requires_grad for p in model.parameters())  # flags put back
+
+
+@pytest.mark.parametrize("family", sorted(ENCODERS))
+def test_encoder_round_trip(family: str, tmp_path: Path) -> None:
+    model = make_extra(family)
+    windows = make_windows(8, 16).clamp_min(2)  # no padding ids
+    result = compress(model, Recipe(method="whiten", ratio=0.3), windows=windows)
+    assert abs(result.targeted_ratio - 0.3) < 0.02
+    loaded = rankwise.load(rankwise.save(result, str(tmp_path / "out")))
+    assert type(loaded) is type(model)
+    ids = windows[:2]
+    torch.testing.assert_close(model_output(loaded, ids), model_output(model, ids))
+
+
+@pytest.mark.parametrize("family", sorted(ENCODERS))
+def test_an_encoder_config_naming_no_class_loads_as_a_bare_encoder(family: str) -> None:
+    config = make_extra(family).config
+    config.architectures = None
+    assert model_class_for(config) is transformers.AutoModel

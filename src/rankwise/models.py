@@ -46,13 +46,22 @@ BLOCK_LINEARS = {
     "opt": r"(^|\.)layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc[12])$",
     "gpt_neox": r"(^|\.)layers\.\d+\.(" + _NEOX_LINEARS + r")$",
     **dict.fromkeys(("falcon", "bloom"), r"(^|\.)h\.\d+\.(" + _NEOX_LINEARS + r")$"),
-    "bert": r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
-    r"|intermediate\.dense|output\.dense)$",
+    **dict.fromkeys(
+        ("bert", "roberta", "xlm-roberta", "camembert", "electra"),
+        r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+        r"|intermediate\.dense|output\.dense)$",
+    ),
+    "mpnet": r"encoder\.layer\.\d+\.(attention\.attn\.(q|k|v|o)|intermediate\.dense"
+    r"|output\.dense)$",
+    "distilbert": r"transformer\.layer\.\d+\.(attention\.(q|k|v|out)_lin|ffn\.lin[12])$",
     # GPT-2 stores Conv1D (handled as transposed linears); GPT-BigCode the same names as nn.Linear
     **dict.fromkeys(
         ("gpt2", "gpt_bigcode"), r"(^|\.)h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$"
     ),
 }
+
+# families whose checkpoints are bare encoders (AutoModel) when config.json names no class
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet", "distilbert")
 
 
 def cache_dir() -> Path:
@@ -222,7 +231,7 @@ def model_class_for(config: object) -> type:
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls
-    if getattr(config, "model_type", "") == "bert":
+    if getattr(config, "model_type", "") in ENCODER_TYPES:
         return transformers.AutoModel
     return transformers.AutoModelForCausalLM
 
