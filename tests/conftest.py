@@ -73,7 +73,12 @@ CAUSAL = ("llama", "qwen2", "gemma3", "gpt2")
 def make_model(family: str, seed: int = 0, **config_changes: object) -> nn.Module:
     """A tiny random model of `family` in eval mode, fp32, rebuildable from its config."""
     config_cls, model_cls, kwargs = FAMILIES[family]
-    config = config_cls(**{**kwargs, **config_changes})
+    return build_model(config_cls, model_cls, {**kwargs, **config_changes}, seed)
+
+
+def build_model(config_cls: type, model_cls: type, kwargs: dict, seed: int = 0) -> nn.Module:
+    """`model_cls` on a `config_cls(**kwargs)` naming its class, seeded, in eval mode."""
+    config = config_cls(**kwargs)
     config.architectures = [model_cls.__name__]
     torch.manual_seed(seed)
     return model_cls(config).eval()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import TINY_DECODER, VOCAB, make_windows, model_output
+from conftest import TINY_DECODER, VOCAB, build_model, make_windows, model_output
 from test_output_fisher import assert_matches_reference
 from test_stats import reference_fisher
 from torch import nn
@@ -126,12 +126,12 @@ ENCODERS: dict[str, tuple[type, type, dict, int]] = {
 }
 
 
+FAMILIES = {**EXTRA, **ENCODERS}
+
+
 def make_extra(family: str) -> nn.Module:
-    config_cls, model_cls, kwargs, _ = {**EXTRA, **ENCODERS}[family]
-    config = config_cls(**kwargs)
-    config.architectures = [model_cls.__name__]
-    torch.manual_seed(0)
-    return model_cls(config).eval()
+    config_cls, model_cls, kwargs, _ = FAMILIES[family]
+    return build_model(config_cls, model_cls, kwargs)
 
 
 @pytest.mark.parametrize("family", sorted(EXTRA) + sorted(ENCODERS))
@@ -139,7 +139,7 @@ def test_built_in_targets_are_every_block_linear(family: str) -> None:
     model = make_extra(family)
     assert model.config.model_type in BLOCK_LINEARS
     names = find_targets(model)
-    per_block, blocks = {**EXTRA, **ENCODERS}[family][3], model.config.num_hidden_layers
+    per_block, blocks = FAMILIES[family][3], model.config.num_hidden_layers
     assert len(names) == per_block * blocks
     assert all(re.search(r"\.\d+\.", name) for name in names)  # inside the blocks
     assert not any("lm_head" in name or "embed" in name for name in names)

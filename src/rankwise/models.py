@@ -31,6 +31,8 @@ _DECODER = r"(^|\.)layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_p
 _FUSED_DECODER = r"(^|\.)layers\.\d+\.(self_attn\.(qkv|o)_proj|mlp\.(gate_up|down)_proj)$"  # Phi-3
 # GPT-NeoX (Pythia), Falcon, BLOOM: fused query_key_value, MLP dense_h_to_4h / dense_4h_to_h
 _NEOX_LINEARS = r"(attention|self_attention)\.(query_key_value|dense)|mlp\.dense_(h_to_4h|4h_to_h)"
+# encoders named like BERT (encoder.layer.N.attention.self.query, ...)
+_BERT_STYLE = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 BLOCK_LINEARS = {
     **dict.fromkeys(
         (
@@ -47,7 +49,7 @@ BLOCK_LINEARS = {
     "gpt_neox": r"(^|\.)layers\.\d+\.(" + _NEOX_LINEARS + r")$",
     **dict.fromkeys(("falcon", "bloom"), r"(^|\.)h\.\d+\.(" + _NEOX_LINEARS + r")$"),
     **dict.fromkeys(
-        ("bert", "roberta", "xlm-roberta", "camembert", "electra"),
+        _BERT_STYLE,
         r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
         r"|intermediate\.dense|output\.dense)$",
     ),
@@ -61,7 +63,7 @@ BLOCK_LINEARS = {
 }
 
 # families whose checkpoints are bare encoders (AutoModel) when config.json names no class
-ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet", "distilbert")
+ENCODER_TYPES = (*_BERT_STYLE, "mpnet", "distilbert")
 
 
 def cache_dir() -> Path:
