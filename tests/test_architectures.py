@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import TINY_DECODER, VOCAB, build_model, make_windows, model_output
+from conftest import TINY_DECODER, VOCAB, build_model, make_model, make_windows, model_output
 from test_output_fisher import assert_matches_reference
 from test_stats import reference_fisher
 from torch import nn
@@ -19,7 +19,7 @@ from torch import nn
 import rankwise
 from rankwise.calibrate import collect_fisher, collect_grams, collect_grams_whole
 from rankwise.compress import compress
-from rankwise.models import BLOCK_LINEARS, find_targets, model_class_for
+from rankwise.models import BLOCK_LINEARS, find_targets, linear_weight, model_class_for
 from rankwise.recipe import Recipe
 
 _SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -169,6 +169,30 @@ def test_block_by_block_grams_equal_a_whole_model_pass(family: str) -> None:
     whole = collect_grams_whole(model, names, windows, torch.float32)
     for name in names:
         torch.testing.assert_close(by_block[name].input_gram, whole[name].input_gram)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", *sorted(EXTRA)])
+def test_narrow_targets_gather_the_gram_of_their_outputs(family: str) -> None:
+    """With output grams (whiten), a target narrower out than in whose input no sibling shares
+    gets Y^T Y of its bias-free outputs, equal to W G W^T; every other target its input gram."""
+    model = make_model(family) if family in ("llama", "gpt2") else make_extra(family)
+    names = find_targets(model)
+    windows = make_windows(4, 16)
+    inputs_only = collect_grams(model, names, windows)
+    mixed = collect_grams(model, names, windows, output_grams=True)
+    for name in names:
+        weight = linear_weight(model.get_submodule(name)).double()  # (out, in)
+        stats, reference = mixed[name], inputs_only[name].input_gram
+        if stats.output_gram is None:
+            torch.testing.assert_close(stats.input_gram, reference)
+            continue
+        assert weight.shape[0] < weight.shape[1] and stats.input_gram is None
+        expected = weight @ reference @ weight.T  # (out, out)
+        torch.testing.assert_close(stats.output_gram, expected, rtol=1e-4, atol=1e-4)
+    # SmolLM2's layout: only the MLP down projection (576 out of 1536 in) is narrow and unshared
+    if family == "llama":
+        narrow = {n for n in names if mixed[n].output_gram is not None}
+        assert narrow == {n for n in names if n.endswith("mlp.down_proj")}
 
 
 @pytest.mark.parametrize("family", sorted(EXTRA))

@@ -368,7 +368,8 @@ def test_one_pass_uniform_run_factorizes_each_block_as_its_grams_complete(
 ) -> None:
     """Uniform ranks need no statistics up front, so a one-pass run factorizes block by block
     (one block's grams in memory): the same model as factorizing from all statistics at once
-    (a statistics file forces that path)."""
+    (a statistics file forces that path). Whiten's MLP down projection takes the gram of its
+    outputs there instead of W G W^T from the input gram: equal up to float32 rounding."""
     windows = make_windows()
     recipe = Recipe(
         allocation="uniform", method=method, ratio=0.3, calib_dtype="float32", sequential=False
@@ -379,8 +380,12 @@ def test_one_pass_uniform_run_factorizes_each_block_as_its_grams_complete(
     gathered = rankwise.compress(make_model("llama"), from_file, windows=windows)
     assert "calibrate" in gathered.seconds
     assert streamed.ranks == gathered.ranks
-    assert [r.rel_error for r in streamed.layers] == [r.rel_error for r in gathered.layers]
-    assert torch.equal(model_output(streamed.model, IDS), model_output(gathered.model, IDS))
+    assert [r.rel_error for r in streamed.layers] == pytest.approx(
+        [r.rel_error for r in gathered.layers], rel=1e-5
+    )
+    torch.testing.assert_close(
+        model_output(streamed.model, IDS), model_output(gathered.model, IDS), atol=1e-5, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("sequential", [True, False])

@@ -14,7 +14,7 @@ import torch
 from rankwise.compress import relative_error
 from rankwise.errors import CalibrationError, RankwiseError
 from rankwise.methods import REGISTRY, LayerStats, MethodOptions, get_method
-from rankwise.methods.base import split_singular
+from rankwise.methods.base import split_singular, takes_output_grams
 from rankwise.methods.whiten import whitening_basis
 
 METHODS = sorted(REGISTRY)
@@ -204,6 +204,23 @@ def test_whiten_output_side_equals_the_whitened_svd_on_an_invertible_gram(rank: 
     )
     spectrum = get_method("whiten").spectrum(w, LayerStats(input_gram=x.T @ x), OPTIONS)
     torch.testing.assert_close(spectrum, factors.spectrum)
+
+
+@pytest.mark.parametrize("method", ["whiten", "sparse"])
+def test_whiten_from_the_output_gram_equals_whiten_from_the_input_gram(method: str) -> None:
+    """A narrow layer's factors need only Y^T Y = W X^T X W^T, which calibration may gather
+    instead of the input gram; sparse fits in the input's metric and says it cannot."""
+    w, x = weight(), inputs()  # (OUT < IN)
+    y = x @ w.double().T  # (tokens, out)
+    from_input = run("whiten", w, x, fisher_for(), 6)
+    from_output = get_method("whiten").factorize(w, LayerStats(output_gram=y.T @ y), 6, OPTIONS)
+    torch.testing.assert_close(
+        from_output.left @ from_output.right, from_input.left @ from_input.right
+    )
+    torch.testing.assert_close(from_output.spectrum, from_input.spectrum)
+    spectrum = get_method("whiten").spectrum(w, LayerStats(output_gram=y.T @ y), OPTIONS)
+    torch.testing.assert_close(spectrum, from_input.spectrum)
+    assert takes_output_grams(get_method(method)) == (method == "whiten")
 
 
 def test_whiten_output_side_of_a_zero_gram_is_finite() -> None:

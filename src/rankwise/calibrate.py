@@ -135,17 +135,28 @@ class GramCollector:
     """Forward pre-hooks that add each target's input gram; shared inputs counted once.
 
     `root` is the module the `names` are relative to (one block, or a whole small model).
+    Targets in `narrow` (out < in, for a method that can factorize them from their outputs) get
+    the gram of their outputs instead, bias removed: Y^T Y = W X^T X W^T is all such a layer's
+    factors need, and it is (out, out) where the input gram is (in, in). For SmolLM2's MLP down
+    projection that is 576^2 multiply-adds per token instead of 1536^2, ~60% of the grams' time.
+    A narrow target whose input a sibling already has a gram of shares that gram instead.
     """
 
-    def __init__(self, root: nn.Module, names: list[str]) -> None:
+    def __init__(self, root: nn.Module, names: list[str], narrow: set[str] | None = None) -> None:
         self.names = names
-        self.owner: dict[str, str] = {}  # name -> the target whose input (and gram) it shares
-        self.grams: dict[str, torch.Tensor] = {}  # owner -> (in, in) float64
+        self.narrow = narrow or set()
+        self.owner: dict[str, str] = {}  # name -> the target whose statistics it shares
+        self.grams: dict[str, torch.Tensor] = {}  # owner -> (in, in) float64 input gram
+        self.output_grams: dict[str, torch.Tensor] = {}  # narrow owner -> (out, out) float64
         self.tokens: dict[str, int] = {}  # owner -> tokens seen
         # Recent inputs: q/k/v (gate/up) receive the same tensor object one after another.
         self._seen: deque[tuple[torch.Tensor, str]] = deque(maxlen=8)
         self._handles = [
             root.get_submodule(name).register_forward_pre_hook(self._hook(name)) for name in names
+        ] + [
+            root.get_submodule(name).register_forward_hook(self._output_hook(name))
+            for name in names
+            if name in self.narrow
         ]
 
     def _hook(self, name: str) -> Callable:
@@ -155,16 +166,30 @@ class GramCollector:
                 if seen is x:  # same tensor as an earlier target: share its gram
                     self.owner.setdefault(name, owner)
                     return
-            self._seen.append((x, name))
             self.owner.setdefault(name, name)
-            flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
-            if name not in self.grams:
-                self.grams[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
-                self.tokens[name] = 0
-            add_gram(self.grams[name], flat)
-            self.tokens[name] += flat.shape[0]
+            if name in self.narrow:
+                return  # its forward hook adds the gram of its outputs
+            self._seen.append((x, name))
+            self._add(self.grams, name, x)
 
         return hook
+
+    def _output_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if self.owner.get(name) != name:  # shares a sibling's input gram
+                return
+            bias = getattr(module, "bias", None)
+            self._add(self.output_grams, name, output if bias is None else output - bias)
+
+        return hook
+
+    def _add(self, grams: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1])  # (tokens, features)
+        if name not in grams:
+            grams[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
+            self.tokens[name] = 0
+        add_gram(grams[name], flat)
+        self.tokens[name] += flat.shape[0]
 
     def stats(self) -> dict[str, LayerStats]:
         """Grams (one shared object per distinct input) and token counts per target."""
@@ -172,7 +197,11 @@ class GramCollector:
         if missing:
             raise CalibrationError(f"no input reached {missing[0]} during calibration")
         return {
-            n: LayerStats(input_gram=self.grams[self.owner[n]], tokens=self.tokens[self.owner[n]])
+            n: LayerStats(
+                input_gram=self.grams.get(self.owner[n]),
+                output_gram=self.output_grams.get(self.owner[n]),
+                tokens=self.tokens[self.owner[n]],
+            )
             for n in self.names
         }
 
@@ -192,8 +221,10 @@ def collect_grams(
     dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
     after_block: BlockCallback | None = None,
+    output_grams: bool = False,
 ) -> dict[str, LayerStats]:
     """input_gram and token count per target, one block at a time over `windows` (count, seq).
+    With `output_grams`, targets narrower out than in get an output_gram instead (GramCollector).
 
     `after_block(names, stats)` sees each block's statistics as soon as they are complete; if it
     returns True it has compressed that block, and the next block's inputs are recomputed
@@ -211,7 +242,8 @@ def collect_grams(
     def on_block(index: int, block: nn.Module, run: Callable[[], None]) -> bool:
         prefix = f"{list_name}.{index}."
         local = [n[len(prefix) :] for n in names if n.startswith(prefix)]
-        collector = GramCollector(block, local)
+        narrow = {n for n in local if output_grams and _is_narrow(block.get_submodule(n))}
+        collector = GramCollector(block, local, narrow)
         try:
             run()
         finally:
@@ -226,6 +258,11 @@ def collect_grams(
 
     run_blocks(model, names, windows, dtype, on_block)
     return results
+
+
+def _is_narrow(module: nn.Module) -> bool:
+    out_features, in_features = linear_weight(module).shape
+    return out_features < in_features
 
 
 def collect_grams_whole(

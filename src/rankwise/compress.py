@@ -20,6 +20,7 @@ from rankwise.errors import NonFiniteWeightsError
 from rankwise.gather import gather_statistics, resolve_windows
 from rankwise.layers import SparseLowRankLinear, factored_layer
 from rankwise.methods import Factors, LayerStats, Method, MethodOptions, get_method
+from rankwise.methods.base import takes_output_grams
 from rankwise.models import as_linear, find_targets, linear_weight, set_module
 from rankwise.plan import (
     Plan,
@@ -297,4 +298,11 @@ def compress_blockwise(
         return recipe.sequential
 
     dtype = getattr(torch, recipe.calib_dtype)
-    calibrate.collect_grams(model, names, windows, dtype, after_block=after_block)
+    calibrate.collect_grams(
+        model,
+        names,
+        windows,
+        dtype,
+        after_block=after_block,
+        output_grams=takes_output_grams(loop.method),
+    )

@@ -25,6 +25,7 @@ from rankwise.allocate import LayerShape, allocate_importance
 from rankwise.calibrate import Progress, Statistics
 from rankwise.errors import CalibrationError
 from rankwise.methods import Method, MethodOptions
+from rankwise.methods.base import takes_output_grams
 from rankwise.models import linear_weight
 from rankwise.recipe import Recipe
 
@@ -77,7 +78,15 @@ def spectra_blockwise(
             spectra[name] = method.spectrum(weight, block_stats[name], options)
         return False  # nothing compressed: the next block sees dense outputs
 
-    calibrate.collect_grams(model, names, windows, dtype, progress, after_block=after_block)
+    calibrate.collect_grams(
+        model,
+        names,
+        windows,
+        dtype,
+        progress,
+        after_block=after_block,
+        output_grams=takes_output_grams(method),
+    )
     return spectra
 
 

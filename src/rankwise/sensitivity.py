@@ -30,6 +30,7 @@ from rankwise.calibrate import Progress
 from rankwise.layers import factored_layer
 from rankwise.lm_loss import final_head, sliced_loss
 from rankwise.methods import LayerStats, Method, MethodOptions
+from rankwise.methods.base import takes_output_grams
 from rankwise.models import cast_copy, linear_weight, set_module
 
 # measured / estimated ratios are clipped to this factor of their median: a loss increase at
@@ -118,7 +119,15 @@ def single_layer_losses(
                 set_module(tail.runner, name, original)
         return False
 
-    calibrate.collect_grams(model, names, gram_windows, dtype, progress, after_block=after_block)
+    calibrate.collect_grams(
+        model,
+        names,
+        gram_windows,
+        dtype,
+        progress,
+        after_block=after_block,
+        output_grams=takes_output_grams(method),
+    )
     return measured
 
 

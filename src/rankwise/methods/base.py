@@ -20,6 +20,9 @@ class LayerStats:
     """Calibration statistics of one target layer (any may be None when not gathered)."""
 
     input_gram: torch.Tensor | None = None  # (in, in) float64, sum of x x^T over tokens
+    # (out, out) float64, sum of y y^T over tokens (y = W x): gathered instead of input_gram for
+    # layers narrower out than in, by methods with `output_grams` (whiten)
+    output_gram: torch.Tensor | None = None
     tokens: int = 0
     fisher: torch.Tensor | None = None  # (out, in) float32, summed squared gradients
     # (out,) float64: mean over calibration tokens of the squared loss gradient w.r.t. each
@@ -59,6 +62,9 @@ class Factors:
 class Method(Protocol):
     name: str
     needs: frozenset[str]  # subset of {"input_gram", "fisher"}
+    # Optional, read through `takes_output_grams`: `output_grams = True` says the method
+    # factorizes a layer narrower out than in from `output_gram` alone, so calibration may
+    # gather that smaller gram instead of the input's.
 
     def factorize(
         self, weight: torch.Tensor, stats: LayerStats, rank: int, options: MethodOptions
@@ -70,6 +76,10 @@ class Method(Protocol):
         """Singular values (min(out, in),) in the method's error metric: truncating to rank r
         costs sum(spectrum[r:]**2) there. Allocation reads every layer's curve from this."""
         ...
+
+
+def takes_output_grams(method: Method) -> bool:
+    return bool(getattr(method, "output_grams", False))
 
 
 def split_singular(

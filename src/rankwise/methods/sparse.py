@@ -235,6 +235,7 @@ class Sparse(Whiten):
     entries costs less to cut, so importance allocation gives its rank to others."""
 
     name = "sparse"
+    output_grams = False  # the sparse residual is fitted in the input's whitened metric
 
     def __init__(self) -> None:
         super().__init__()

@@ -13,7 +13,8 @@ vectors U of A are the eigenvectors of A A^T = W G W^T (out, out), and the trunc
 U_r U_r^T A, so W' = U_r U_r^T W, the projection of W's outputs on their top-r principal
 directions. That is the same optimum with no square root of G to floor or undo, and it skips the
 eigendecomposition of G: for SmolLM2's 1536-wide MLP gram that alone took 0.5 s of every block's
-~1 s of factorization.
+~1 s of factorization. Layers narrower out than in need only W G W^T, the gram of their outputs:
+calibration gathers that (out, out) gram directly where it can (`output_gram`, `output_grams`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def whitening_basis(
 class Whiten:
     name = "whiten"
     needs: frozenset[str] = frozenset({"input_gram"})
+    output_grams = True  # layers with out < in factorize from their outputs' gram alone
 
     def __init__(self) -> None:
         # gate/up (and sparse's q/k/v) share one input gram and are factorized one after
@@ -59,7 +61,7 @@ class Whiten:
     ) -> Factors:
         out_features, in_features = weight.shape
         if out_features <= in_features:
-            return _output_side(weight, _gram(stats), rank)
+            return _output_side(weight, _outputs_gram(weight, stats), rank)
         eigvecs, roots = self._basis(stats, options.eig_floor)
         scaled = (weight.double() @ eigvecs) * roots  # (out, in): W Q diag(sqrt lam)
         # The SVD in float32 is 2x faster and exact to ~1e-6 relative; the basis stays float64.
@@ -73,7 +75,7 @@ class Whiten:
         self, weight: torch.Tensor, stats: LayerStats, options: MethodOptions
     ) -> torch.Tensor:
         if weight.shape[0] <= weight.shape[1]:
-            return _output_spectrum(weight, _gram(stats))[0].float()
+            return _output_spectrum(_outputs_gram(weight, stats))[0].float()
         eigvecs, roots = self._basis(stats, options.eig_floor)
         scaled = (weight.double() @ eigvecs) * roots  # (out, in)
         return torch.linalg.svdvals(scaled.float())
@@ -85,24 +87,28 @@ def _gram(stats: LayerStats) -> torch.Tensor:
     return stats.input_gram
 
 
-def _output_spectrum(
-    weight: torch.Tensor, input_gram: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _outputs_gram(weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+    """W G W^T (out, out) float64: the gathered output gram, else from the input gram."""
+    if stats.output_gram is not None:
+        return stats.output_gram.double()
+    w = weight.double()  # (out, in)
+    return w @ _gram(stats).double() @ w.T
+
+
+def _output_spectrum(output_gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Singular values of W S (out,), descending, and the matching eigenvectors of W G W^T
     (out, out), both float64: the principal directions of the layer's outputs."""
-    w = weight.double()  # (out, in)
-    output_gram = w @ input_gram.double() @ w.T  # (out, out): W G W^T, the outputs' gram
     output_gram = (output_gram + output_gram.T) / 2  # symmetric to rounding
     eigvals, eigvecs = torch.linalg.eigh(output_gram)  # ascending
     values = eigvals.flip(0).clamp_min(0).sqrt()  # (out,)
     return values, eigvecs.flip(1)
 
 
-def _output_side(weight: torch.Tensor, input_gram: torch.Tensor, rank: int) -> Factors:
+def _output_side(weight: torch.Tensor, output_gram: torch.Tensor, rank: int) -> Factors:
     """W' = U_r U_r^T W, shared as (U_r sqrt s) (U_r^T W / sqrt s): with G invertible these are
     the input side's factors exactly. Where s is ~0 (outputs the data never excites) the split
     is left unbalanced rather than divided by nothing; the product is the same either way."""
-    spectrum, directions = _output_spectrum(weight, input_gram)
+    spectrum, directions = _output_spectrum(output_gram)
     kept = directions[:, :rank]  # (out, rank), orthonormal
     values = spectrum[:rank]  # (rank,)
     alive = values > EXCITED * values[:1].clamp_min(torch.finfo(torch.float64).tiny)
