@@ -202,3 +202,22 @@ def test_lm_eval_hflm_takes_the_loaded_model(run: dict) -> None:
         loaded.model, loaded.tokenizer, ["rt_sentiment"], limit=10, bootstrap_iters=0
     )
     assert 0.0 <= results.metrics()["rt_sentiment"]["acc"] <= 1.0
+
+
+def test_features_of_the_real_model_read_as_text_and_survive_compression(run: dict) -> None:
+    """Semi-NMF of a late MLP on held-out BBC text: features read as tokens in context, and
+    the whiten 0.2 model keeps most of each (correlation of coefficients)."""
+    from rankwise.features import FeatureOptions, analyse
+
+    dense = rankwise.load_model("default").model
+    options = FeatureOptions(layer=27, features=8)
+    figures = analyse(dense, run["tokenizer"], run["windows"], options, other=run["result"].model)
+    assert figures["module"] == "model.layers.27.mlp.down_proj" and figures["width"] == 1536
+    assert figures["tokens"] == 1024 and figures["neurons_per_feature"] == 154
+    assert figures["svd_relative_error"] <= figures["relative_error"] < 1.0
+    contexts = [c for r in figures["records"] for c in r["contexts"]]
+    assert all("[[" in c and c.endswith("]]") for c in contexts)
+    assert sum(any(ch.isalpha() for ch in c) for c in contexts) > len(contexts) / 2
+    kept = sorted(r["kept"] for r in figures["records"])
+    assert 0.5 < kept[len(kept) // 2] <= 1.0, kept
+    assert 0.0 < figures["activation_change"] < 1.0

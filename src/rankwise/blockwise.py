@@ -23,7 +23,7 @@ from rankwise.models import cast_copy
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once block 0's inputs are known."""
+    """Raised by a capture hook once the inputs it waits for are known."""
 
 
 @dataclass
@@ -66,6 +66,33 @@ def _cast(value: object, dtype: torch.dtype) -> object:
     return value
 
 
+def run_until(
+    model: nn.Module,
+    module: nn.Module,
+    on_input: Callable[[tuple, dict], None],
+    windows: torch.Tensor,
+    batch_size: int,
+    inference: bool = True,
+) -> None:
+    """Run the model on each batch of windows until `module` is called: `on_input(args,
+    kwargs)` sees what it receives, and the rest of the forward is skipped."""
+
+    def hook(_: nn.Module, args: tuple, kwargs: dict) -> None:
+        on_input(args, kwargs)
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode() if inference else torch.no_grad():
+            for start in range(0, len(windows), batch_size):
+                try:
+                    model(input_ids=windows[start : start + batch_size])
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+
+
 def capture_inputs(
     model: nn.Module,
     first_block: nn.Module,
@@ -80,24 +107,14 @@ def capture_inputs(
     """
     inputs = BlockInputs([], [], [])
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def keep(args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
         skip = {"hidden_states", "past_key_values", "past_key_value"}
         inputs.hidden.append(hidden.to(dtype))
         inputs.args.append(tuple(_cast(a, dtype) for a in args[1:]))
         inputs.kwargs.append({k: _cast(v, dtype) for k, v in kwargs.items() if k not in skip})
-        raise _StopForward
 
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.inference_mode() if inference else torch.no_grad():
-            for start in range(0, len(windows), batch_size):
-                try:
-                    model(input_ids=windows[start : start + batch_size])
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
+    run_until(model, first_block, keep, windows, batch_size, inference)
     return inputs
 
 

@@ -1,4 +1,4 @@
-"""The `rankwise` command: compress, recover, truncate, eval, inspect, report, bench.
+"""The `rankwise` command: compress, recover, truncate, eval, inspect, report, features, bench.
 
 Every flag maps onto a Recipe field; `--recipe r.yaml` loads one and flags override it.
 User mistakes print one line `error: ...` and exit 2, with nothing written.
@@ -226,6 +226,32 @@ def report_cmd(
     from rankwise.commands import run_report
 
     run_report(directories, out, overwrite, figures, eval_windows, _split(layers))
+
+
+@app.command("features")
+def features_cmd(
+    model: Annotated[str, typer.Argument(help="'default', a HF dir, .gguf or compressed DIR")],
+    layer: Annotated[int | None, typer.Option(help="block index (default: the middle)")] = None,
+    module: Annotated[str | None, typer.Option(help="the linear whose input to read")] = None,
+    features: Annotated[int, typer.Option(min=1, help="semi-NMF features")] = 32,
+    neurons: Annotated[
+        int | None, typer.Option(min=0, help="neurons kept per feature (default: 10%; 0: all)")
+    ] = None,
+    vs: Annotated[str | None, typer.Option(help="a second model (e.g. compressed)")] = None,
+    text: Annotated[str, typer.Option(help="bbc | wiki | FILE.txt | FILE.jsonl")] = "bbc",
+    samples: Annotated[int, typer.Option(min=1, help="windows of text")] = 8,
+    seq_len: Annotated[int, typer.Option(min=2, help="tokens per window")] = 512,
+    top: Annotated[int, typer.Option(min=1, help="contexts and tokens per feature")] = 5,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write figures as JSON")] = None,
+) -> None:
+    """Interpretable features of an MLP's activations (semi-NMF), and what --vs keeps of them."""
+    from rankwise.commands import run_features
+    from rankwise.features import FeatureOptions
+
+    options = FeatureOptions(layer, module, features, neurons, top=top)
+    figures = run_features(model, options, vs, text, samples, seq_len)
+    if json_out:
+        json_out.write_text(json.dumps(figures, indent=2))
 
 
 @app.command("bench")

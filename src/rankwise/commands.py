@@ -15,6 +15,7 @@ from rankwise.compress import compress, count_parameters
 from rankwise.encoder import is_encoder
 from rankwise.errors import ModelNotFoundError, RankwiseError
 from rankwise.eval_commands import run_encoder_eval
+from rankwise.features import FeatureOptions
 from rankwise.io import EVAL_FILE, check_output, directory_bytes, is_compressed_dir
 from rankwise.models import BUNDLED, Loaded, cache_dir, load_model
 from rankwise.progress import RichReporter
@@ -248,4 +249,33 @@ def run_bench(spec: str, vs: str, options: BenchOptions) -> dict[str, object]:
         f"merge policy {options.merge_policy}: {len(figures['merged_layers'])} layers merged, "
         f"{figures['factorized_layers']} factorized ({figures['policy_seconds']:.1f}s)"
     )
+    return figures
+
+
+def run_features(
+    spec: str,
+    options: FeatureOptions,
+    vs: str | None,
+    text: str,
+    samples: int,
+    seq_len: int,
+) -> dict[str, object]:
+    """Semi-NMF features of one MLP of SPEC (and what VS keeps of them): table and figures."""
+    from rankwise.features import activation_module, analyse
+    from rankwise.report import feature_table
+
+    reporter = RichReporter()
+    with reporter.task(f"loading {spec}" + (f" and {vs}" if vs else "")) as advance:
+        loaded = load_model(spec)
+        other = load_model(vs).model if vs else None
+        advance(1)
+    if loaded.tokenizer is None:
+        raise RankwiseError(f"{spec} has no tokenizer: features are read through their tokens")
+    activation_module(loaded.model, options)  # a bad layer or module fails before any work
+    windows = data.eval_windows(loaded.tokenizer, (text,), seq_len, samples)[text]  # held out
+    with reporter.task("activations and semi-NMF") as advance:
+        figures = analyse(loaded.model, loaded.tokenizer, windows, options, other)
+        advance(1)
+    figures.update(model=spec, vs=vs, text=text)
+    console.print(feature_table(figures))
     return figures

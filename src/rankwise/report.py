@@ -1,7 +1,10 @@
-"""Tables the user reads: the compression summary and the per-layer view."""
+"""Tables the user reads: the compression summary, the per-layer view, semi-NMF features."""
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -83,4 +86,35 @@ def layer_table(layers: dict[str, dict[str, object]]) -> Table:
     ] + [f"{loss_total:.3g}"] * estimated
     for column, text in zip(table.columns, footer, strict=True):
         column.footer = text
+    return table
+
+
+def feature_table(figures: dict[str, object]) -> Table:
+    """Semi-NMF features: share, how many tokens use each, top contexts, promoted tokens, and
+    (against a second model) the correlation it keeps."""
+    records = list(figures["records"])  # type: ignore[call-overload]
+    kept = any("kept" in r for r in records)
+    promotes = any(r.get("promotes") for r in records)
+    title = (
+        f"{figures['features']} features of {figures['module']} on {figures['tokens']} tokens: "
+        f"relative error {float(figures['relative_error']):.3f} "
+        f"(rank-{figures['features']} SVD: {float(figures['svd_relative_error']):.3f})"
+    )
+    table = Table(title=title, show_lines=True)
+    for column in ["#", "share", "tokens", "top contexts"] + ["promotes"] * promotes:
+        table.add_column(column, justify="left" if column[0] in "tp" else "right")
+    if kept:
+        table.add_column(f"kept in {PurePath(str(figures.get('vs'))).name}", justify="right")
+    for r in records:
+        row = [
+            str(r["feature"]),
+            f"{float(r['share']):.3f}",
+            f"{float(r['active_tokens']):.1%}",
+            escape("\n".join(c.replace("\n", "\\n") for c in r["contexts"][:3])),
+        ]
+        if promotes:
+            row.append(escape(" ".join(repr(t) for t in (r.get("promotes") or [])[:5])))
+        if kept:
+            row.append(f"{float(r['kept']):.2f}")
+        table.add_row(*row)
     return table
