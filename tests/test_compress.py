@@ -388,6 +388,32 @@ def test_one_pass_uniform_run_factorizes_each_block_as_its_grams_complete(
     )
 
 
+@pytest.mark.parametrize(("method", "stats", "narrow"), [
+    ("whiten", False, True), ("whiten", True, False), ("sparse", False, False),
+])  # fmt: skip
+def test_a_one_pass_importance_run_gathers_output_grams_unless_a_file_is_written(
+    method: str, stats: bool, narrow: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All statistics first (importance needs every spectrum): whiten's narrow targets take
+    the gram of their outputs there too, except when the statistics go to a file, which keeps
+    input grams for any method that reads it later."""
+    from rankwise import calibrate
+
+    flags: list[bool] = []
+    real = calibrate.collect_grams
+
+    def spy(*args: object, **kwargs: object) -> object:
+        flags.append(bool(args[6] if len(args) > 6 else kwargs.get("output_grams", False)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "collect_grams", spy)
+    path = str(tmp_path / "stats.safetensors") if stats else None
+    recipe = Recipe(method=method, ratio=0.3, calib_dtype="float32", sequential=False, stats=path)
+    result = rankwise.compress(make_model("llama"), recipe, windows=make_windows())
+    assert "calibrate" in result.seconds and flags[0] is narrow
+    assert result.targeted_ratio == pytest.approx(0.3, abs=0.02)
+
+
 @pytest.mark.parametrize("sequential", [True, False])
 def test_factors_made_block_by_block_can_be_trained(sequential: bool) -> None:
     """Block-by-block runs factorize inside the calibration's inference_mode; recovery must

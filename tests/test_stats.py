@@ -172,8 +172,18 @@ def test_ratio_sweep_from_saved_statistics_equals_fresh_runs(method: str, tmp_pa
             windows=windows,
         )
         assert reused.ranks == fresh.ranks
-        assert [r.rel_error for r in reused.layers] == [r.rel_error for r in fresh.layers]
-        assert torch.equal(model_output(reused.model, IDS), model_output(fresh.model, IDS))
+        if method == "fwsvd":
+            assert [r.rel_error for r in reused.layers] == [r.rel_error for r in fresh.layers]
+            assert torch.equal(model_output(reused.model, IDS), model_output(fresh.model, IDS))
+            continue
+        # whiten's fresh run takes the MLP down projection's output gram, the file its input
+        # gram (W G W^T): the same factors up to float32 rounding
+        assert [r.rel_error for r in reused.layers] == pytest.approx(
+            [r.rel_error for r in fresh.layers], rel=1e-5
+        )
+        torch.testing.assert_close(
+            model_output(reused.model, IDS), model_output(fresh.model, IDS), atol=1e-5, rtol=1e-4
+        )
 
 
 def test_statistics_missing_what_the_method_needs_are_gathered_again(tmp_path: Path) -> None:

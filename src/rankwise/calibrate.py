@@ -355,8 +355,10 @@ def collect(
     needs: frozenset[str],
     dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
+    output_grams: bool = False,
 ) -> Statistics:
-    """Gather what is `needed` ("input_gram", "fisher", "output_fisher") for every target."""
+    """Gather what is `needed` ("input_gram", "fisher", "output_fisher") for every target
+    (`output_grams`: narrow targets get an output_gram instead, see GramCollector)."""
     if len(windows) == 0:
         raise CalibrationError("no calibration windows")
     stats = Statistics(
@@ -367,7 +369,7 @@ def collect(
         }
     )
     if "input_gram" in needs:
-        stats.layers = collect_grams(model, names, windows, dtype, progress)
+        stats.layers = collect_grams(model, names, windows, dtype, progress, None, output_grams)
     else:
         stats.layers = {n: LayerStats(tokens=windows.numel()) for n in names}
     if "fisher" in needs:

@@ -232,7 +232,10 @@ def compress(
     else:
         needs = method.needs | ({"output_fisher"} if needs_output_fisher(recipe) else set())
         with timer.phase("calibrate"):
-            stats = gather_statistics(model, names, needs, recipe, tokenizer, windows, reporter)
+            narrow = takes_output_grams(method)
+            stats = gather_statistics(
+                model, names, needs, recipe, tokenizer, windows, reporter, narrow
+            )
         ranks = plan.ranks(stats=stats)
 
         def from_stats(loop: LayerLoop) -> None:

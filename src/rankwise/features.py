@@ -5,8 +5,8 @@ The MLP's hidden activations (the input of its output projection: `down_proj`, G
 semi-NMF (`seminmf.py`): every token becomes a nonnegative mixture of `k` feature directions,
 each a small group of neurons. A feature is then read two ways:
 - **in**: the tokens (with their context) that use it most;
-- **out**: the tokens it pushes up when written through the output projection and read by the LM
-  head (logit lens, final norm left out: a direction, not a calibrated prediction).
+- **out**: the tokens it pushes up when written through the output projection, the final norm's
+  linear part and the LM head (a logit lens: a direction, not a calibrated prediction).
 
 With a second model (`vs`: typically the compressed one), its activations at the same module on
 the same tokens are read in the first model's features (coefficients fitted with the features

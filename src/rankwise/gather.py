@@ -25,11 +25,13 @@ def gather_statistics(
     tokenizer: object | None,
     windows: torch.Tensor | None,
     reporter: Reporter,
+    output_grams: bool = False,
 ) -> Statistics:
     """Statistics holding `needs`: from recipe.stats where it has them, the rest gathered.
 
     A statistics file missing something (e.g. output_fisher for importance) is completed and
-    written back, so a sweep calibrates once.
+    written back, so a sweep calibrates once. `output_grams` (a method that takes them, and no
+    file to write): narrow targets get the gram of their outputs instead of their inputs.
     """
     stats = Statistics({n: LayerStats() for n in names})
     if recipe.stats and Path(recipe.stats).is_file():
@@ -40,7 +42,10 @@ def gather_statistics(
         return stats
     windows = resolve_windows(recipe, tokenizer, windows, reporter)
     dtype = getattr(torch, recipe.calib_dtype)
-    gathered = collect_missing(model, names, windows, missing, recipe, dtype, reporter)
+    output_grams = output_grams and not recipe.stats  # a statistics file holds input grams
+    gathered = collect_missing(
+        model, names, windows, missing, recipe, dtype, reporter, output_grams
+    )
     stats = merge_statistics(stats, gathered, names)
     if recipe.stats:
         stats.save(recipe.stats)
@@ -56,6 +61,7 @@ def collect_missing(
     recipe: Recipe,
     dtype: torch.dtype,
     reporter: Reporter,
+    output_grams: bool = False,
 ) -> Statistics:
     subset = importance.importance_windows(recipe, windows)
     total = (
@@ -64,7 +70,8 @@ def collect_missing(
         + len(subset) * ("output_fisher" in needs)
     )
     with reporter.task("calibrating", total=total) as advance:
-        stats = calibrate.collect(model, names, windows, needs - {"output_fisher"}, dtype, advance)
+        found = needs - {"output_fisher"}
+        stats = calibrate.collect(model, names, windows, found, dtype, advance, output_grams)
         if "output_fisher" in needs:
             found = calibrate.collect_output_fisher(model, names, subset, dtype, advance)
             for name, value in found.items():
@@ -77,10 +84,10 @@ def merge_statistics(base: Statistics, new: Statistics, names: list[str]) -> Sta
     for name in names:
         into = base.layers.setdefault(name, LayerStats())
         got = new.layers[name]
-        for field_name in ("input_gram", "fisher", "output_fisher"):
+        for field_name in ("input_gram", "output_gram", "fisher", "output_fisher"):
             if getattr(got, field_name) is not None:
                 setattr(into, field_name, getattr(got, field_name))
-        if got.input_gram is not None:
+        if got.input_gram is not None or got.output_gram is not None:
             into.tokens = got.tokens
     base.meta.update(new.meta)
     return base
