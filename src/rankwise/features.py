@@ -54,11 +54,6 @@ def input_width(module: nn.Module) -> int:
     return int(width) if width is not None else linear_weight(module).shape[1]
 
 
-def module_weight(module: nn.Module) -> torch.Tensor:
-    """(out, in): a Linear's weight, the product of a LowRankLinear's factors, a Conv1D's T."""
-    return linear_weight(module) if is_conv1d(module) else module.weight.detach()
-
-
 def activation_module(model: nn.Module, options: FeatureOptions) -> str:
     """The module whose input is the MLP activation: `options.module`, or, in block `layer`,
     the built-in target with the widest input (the MLP's output projection)."""
@@ -135,7 +130,8 @@ def promoted_tokens(
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         return None
-    weight = module_weight(model.get_submodule(name)).float()  # (hidden, width)
+    # (hidden, width); a LowRankLinear's `weight` is the product of its factors
+    weight = linear_weight(model.get_submodule(name)).float()
     if weight.shape[0] != head.weight.shape[1]:
         return None  # the projection does not write the residual stream the head reads
     in_blocks = re.match(r"(.*?)\.\d+\.", name)
