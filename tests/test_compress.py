@@ -247,6 +247,18 @@ def test_load_model_reads_a_dense_hf_directory(tmp_path: Path) -> None:
     assert not any(isinstance(m, LowRankLinear) for m in loaded.model.modules())
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps")
+def test_a_loaded_dense_model_holds_its_weights_not_a_map_of_the_file(tmp_path: Path) -> None:
+    """So the layers a compression replaces are freed with them (see models.own_memory)."""
+    model = make_model("llama")
+    model.save_pretrained(tmp_path / "dense")
+    loaded = rankwise.load_model(str(tmp_path / "dense"))
+    assert str(tmp_path / "dense") not in Path("/proc/self/maps").read_text()
+    head = loaded.model.lm_head.weight
+    assert head is loaded.model.model.embed_tokens.weight or not model.config.tie_word_embeddings
+    torch.testing.assert_close(model_output(loaded.model, IDS), model_output(model, IDS))
+
+
 def test_fwsvd_on_encoder_raises_and_leaves_model_alone() -> None:
     model = make_model("bert")
     before = model_output(model, IDS)
@@ -316,36 +328,48 @@ def test_whiten_on_targets_outside_the_blocks_uses_a_whole_model_pass() -> None:
 
 
 @pytest.mark.parametrize(
-    ("family", "block_targets", "ratio"),
+    ("family", "groups", "ratio"),
     [
-        ("llama", r"layers\.{}\.(self_attn|mlp)\.\w+_proj$", 0.25),
-        ("gpt2", r"h\.{}\.(attn|mlp)\.c_\w+$", 0.375),
+        (
+            "llama",
+            [
+                r"self_attn\.[qkv]_proj",
+                r"self_attn\.o_proj",
+                r"mlp\.(gate|up)_proj",
+                r"mlp\.down_proj",
+            ],
+            0.25,
+        ),
+        ("gpt2", [r"attn\.c_attn", r"attn\.c_proj", r"mlp\.c_fc", r"mlp\.c_proj"], 0.375),
     ],
 )
-def test_sequential_equals_compressing_block_by_block_by_hand(
-    family: str, block_targets: str, ratio: float
+def test_sequential_equals_compressing_group_by_group_by_hand(
+    family: str, groups: list[str], ratio: float
 ) -> None:
-    """Sequential: block k's statistics come from the model whose blocks before k are compressed.
+    """Sequential: the statistics of each group of targets that read one input (q/k/v, o,
+    gate/up, down) come from the model whose blocks before, and groups before in the same
+    block, are compressed.
 
-    The ratios give every tiny layer a whole rank, so allocating per block or for the whole
+    The ratios give every tiny layer a whole rank, so allocating per group or for the whole
     model gives the same ranks and only the statistics can differ. GPT-2 hands its blocks the
-    key/value cache positionally: a block run twice must not attend to its first run's keys.
+    key/value cache positionally: a block run several times must not attend to earlier runs' keys.
     """
     windows = make_windows()
     base = make_model(family)
     by_hand = copy.deepcopy(base)
     hand_ranks = {}
+    blocks = "layers" if family == "llama" else "h"
     for block in ("0", "1"):
-        targets = [block_targets.format(block)]
-        recipe = Recipe(
-            allocation="uniform",
-            method="whiten",
-            ratio=ratio,
-            targets=targets,
-            calib_dtype="float32",
-            sequential=False,
-        )
-        hand_ranks.update(rankwise.compress(by_hand, recipe, windows=windows).ranks)
+        for group in groups:
+            recipe = Recipe(
+                allocation="uniform",
+                method="whiten",
+                ratio=ratio,
+                targets=[rf"{blocks}\.{block}\.{group}$"],
+                calib_dtype="float32",
+                sequential=False,
+            )
+            hand_ranks.update(rankwise.compress(by_hand, recipe, windows=windows).ranks)
     sequential = copy.deepcopy(base)
     recipe = Recipe(
         allocation="uniform", method="whiten", ratio=ratio, calib_dtype="float32", sequential=True

@@ -1,8 +1,9 @@
 """Run a model one block at a time over all calibration windows.
 
 The inputs of block k are kept in memory (count x seq_len x hidden, in the calibration dtype), so
-statistics for block k can be gathered, block k compressed, and its outputs recomputed with the
-compressed block before block k+1 sees them (`sequential`), as GPTQ/SparseGPT-style pipelines do.
+statistics for block k can be gathered and block k compressed before block k+1 runs; sequential
+calibration (staged.py) also feeds block k+1 the compressed block's outputs, as GPTQ/SparseGPT-style
+pipelines do.
 Only one block is converted to the calibration dtype at a time, and only one block's statistics
 are live: memory stays bounded for models larger than a full converted copy.
 """
@@ -22,7 +23,7 @@ from rankwise.memory import release_freed_memory
 from rankwise.models import cast_copy
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by a capture hook once the inputs it waits for are known."""
 
 
@@ -79,7 +80,7 @@ def run_until(
 
     def hook(_: nn.Module, args: tuple, kwargs: dict) -> None:
         on_input(args, kwargs)
-        raise _StopForward
+        raise StopForward
 
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -87,7 +88,7 @@ def run_until(
             for start in range(0, len(windows), batch_size):
                 try:
                     model(input_ids=windows[start : start + batch_size])
-                except _StopForward:
+                except StopForward:
                     pass
     finally:
         handle.remove()
@@ -118,7 +119,7 @@ def capture_inputs(
     return inputs
 
 
-def _block_output(output: object) -> torch.Tensor:
+def block_output(output: object) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -127,14 +128,14 @@ def run_blocks(
     names: list[str],
     windows: torch.Tensor,
     dtype: torch.dtype,
-    on_block: Callable[[int, nn.Module, Callable[[], None]], bool],
+    on_block: Callable[[int, nn.Module, Callable[[], None]], None],
     batch_size: int = 4,
 ) -> None:
     """For each block holding targets: `on_block(index, block_copy, run)`.
 
     `run()` pushes every batch through the block copy (in `dtype`), so hooks the callback attached
-    see the block's inputs. If `on_block` returns True it changed the original block (compressed
-    it), and the block's outputs are recomputed from a fresh copy before the next block.
+    see the block's inputs; its outputs are the next block's inputs, whatever the callback does
+    to the original block afterwards (one pass; sequential runs are staged.py's).
     """
     list_name, blocks = find_blocks(model, names)
     used = used_blocks(model, names)
@@ -151,21 +152,20 @@ def run_blocks(
                 outputs: list[torch.Tensor] = outputs,
                 hidden: list[torch.Tensor] = hidden,
             ) -> None:
-                outputs[:] = _forward_all(block, hidden, inputs)
+                outputs[:] = forward_all(block, hidden, inputs)
 
-            changed = on_block(index, block, run) if index in used else False
-            if changed:
-                outputs = _forward_all(cast_copy(blocks[index], dtype), hidden, inputs)
-            elif not outputs:
+            if index in used:
+                on_block(index, block, run)
+            if not outputs:
                 run()
             hidden = outputs
 
 
-def _forward_all(
+def forward_all(
     block: nn.Module, hidden: list[torch.Tensor], inputs: BlockInputs
 ) -> list[torch.Tensor]:
     return [
-        _block_output(block(h, *args, **kwargs))
+        block_output(block(h, *args, **kwargs))
         for h, args, kwargs in zip(hidden, inputs.args, inputs.kwargs, strict=True)
     ]
 

@@ -211,7 +211,7 @@ class GramCollector:
         self._seen.clear()
 
 
-BlockCallback = Callable[[list[str], dict[str, LayerStats]], bool]
+BlockCallback = Callable[[list[str], dict[str, LayerStats]], None]
 
 
 def collect_grams(
@@ -226,10 +226,10 @@ def collect_grams(
     """input_gram and token count per target, one block at a time over `windows` (count, seq).
     With `output_grams`, targets narrower out than in get an output_gram instead (GramCollector).
 
-    `after_block(names, stats)` sees each block's statistics as soon as they are complete; if it
-    returns True it has compressed that block, and the next block's inputs are recomputed
-    through the compressed block (sequential calibration). With `after_block`, grams are not
-    kept past their block (the result is empty): memory holds one block's statistics.
+    `after_block(names, stats)` sees each block's statistics as soon as they are complete (it may
+    compress the block: the next block's inputs still come from the original one). With
+    `after_block`, grams are not kept past their block (the result is empty): memory holds one
+    block's statistics.
     """
     try:
         list_name, _ = find_blocks(model, names)
@@ -239,10 +239,10 @@ def collect_grams(
         return collect_grams_whole(model, names, windows, dtype, progress)
     results: dict[str, LayerStats] = {}
 
-    def on_block(index: int, block: nn.Module, run: Callable[[], None]) -> bool:
+    def on_block(index: int, block: nn.Module, run: Callable[[], None]) -> None:
         prefix = f"{list_name}.{index}."
         local = [n[len(prefix) :] for n in names if n.startswith(prefix)]
-        narrow = {n for n in local if output_grams and _is_narrow(block.get_submodule(n))}
+        narrow = {n for n in local if output_grams and is_narrow(block.get_submodule(n))}
         collector = GramCollector(block, local, narrow)
         try:
             run()
@@ -251,16 +251,16 @@ def collect_grams(
         block_stats = {prefix + n: s for n, s in collector.stats().items()}
         if progress:
             progress(1)
-        if after_block is not None:  # sequential: the block is compressed, its grams dropped
-            return after_block(list(block_stats), block_stats)
-        results.update(block_stats)
-        return False
+        if after_block is not None:  # the block is compressed or measured, its grams dropped
+            after_block(list(block_stats), block_stats)
+        else:
+            results.update(block_stats)
 
     run_blocks(model, names, windows, dtype, on_block)
     return results
 
 
-def _is_narrow(module: nn.Module) -> bool:
+def is_narrow(module: nn.Module) -> bool:
     out_features, in_features = linear_weight(module).shape
     return out_features < in_features
 

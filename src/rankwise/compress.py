@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rankwise import calibrate
+from rankwise import calibrate, staged
 from rankwise.allocate import LayerShape, targeted_params
 from rankwise.blockwise import in_one_block_list
 from rankwise.csr import csr_params
@@ -292,20 +292,20 @@ def compress_blockwise(
     recipe: Recipe,
     windows: torch.Tensor,
 ) -> None:
-    """Block by block: gather a block's statistics, then factorize it. Sequential: the next
-    block's inputs come from the compressed block; else from the original one (one pass)."""
+    """Block by block: gather a block's statistics, then factorize it. Sequential: group by group
+    inside each block, each from the block as compressed so far (staged.py); else every block
+    from the original model's inputs (one pass)."""
 
-    def after_block(block_names: list[str], block_stats: dict[str, LayerStats]) -> bool:
-        for name in block_names:
-            loop(shapes[name], block_stats[name])
-        return recipe.sequential
+    def factorize(group_names: list[str], stats: dict[str, LayerStats]) -> None:
+        for name in group_names:
+            loop(shapes[name], stats[name])
 
     dtype = getattr(torch, recipe.calib_dtype)
+    output_grams = takes_output_grams(loop.method)
+    if recipe.sequential:
+        staged.compress_sequential(model, names, windows, dtype, factorize, output_grams)
+        return
+
     calibrate.collect_grams(
-        model,
-        names,
-        windows,
-        dtype,
-        after_block=after_block,
-        output_grams=takes_output_grams(loop.method),
+        model, names, windows, dtype, after_block=factorize, output_grams=output_grams
     )

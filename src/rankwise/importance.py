@@ -72,11 +72,10 @@ def spectra_blockwise(
     prefix for the factors themselves)."""
     spectra: dict[str, torch.Tensor] = {}
 
-    def after_block(block_names: list[str], block_stats: dict) -> bool:
+    def after_block(block_names: list[str], block_stats: dict) -> None:
         for name in block_names:
             weight = linear_weight(model.get_submodule(name))
             spectra[name] = method.spectrum(weight, block_stats[name], options)
-        return False  # nothing compressed: the next block sees dense outputs
 
     calibrate.collect_grams(
         model,

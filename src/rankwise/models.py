@@ -198,7 +198,21 @@ def load_hf_dir(path: Path, trust_remote_code: bool = False) -> Loaded:
     model = model_cls.from_pretrained(
         str(path), dtype=torch.float32, trust_remote_code=trust_remote_code
     )
+    own_memory(model)
     return Loaded(model.eval(), load_tokenizer(path, trust_remote_code), str(path))
+
+
+def own_memory(model: nn.Module) -> None:
+    """Copy every weight out of the file's memory map into the process's own memory.
+
+    A safetensors load leaves the weights as views of one private map of the file: once read,
+    its pages stay resident until the last view is gone, so the dense layers a compression
+    replaces were never given back (the default run's peak grew by 0.3 GB of new factors on top
+    of all 538 MB of the old weights). Copied, each replaced weight is freed with its layer.
+    Tied weights stay tied (the shared Parameter gets one copy)."""
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            tensor.data = tensor.data.clone()
 
 
 # Any of these marks a saved tokenizer. Without one, AutoTokenizer (transformers 5) builds an

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from rankwise.blockwise import (
-    _block_output,
+    block_output,
     capture_inputs,
     find_blocks,
     used_blocks,
@@ -104,11 +104,11 @@ class _BlockByBlock:
         with torch.no_grad():
             for block in self.blocks:
                 block_inputs.append(hidden)
-                hidden = _block_output(block(hidden, *args, **kwargs))
+                hidden = block_output(block(hidden, *args, **kwargs))
         _, grad = sliced_loss(self.head, hidden.requires_grad_(True), batch)
         for position in range(len(self.blocks) - 1, self.first - 1, -1):
             inputs = block_inputs[position].detach().requires_grad_(True)
-            output = _block_output(self.blocks[position](inputs, *args, **kwargs))
+            output = block_output(self.blocks[position](inputs, *args, **kwargs))
             output.backward(grad)
             grad = inputs.grad
 

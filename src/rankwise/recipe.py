@@ -88,8 +88,9 @@ class Recipe(BaseModel):
     sequential: bool = True
     stats: str | None = None  # statistics file to reuse (safetensors); written if missing
     # importance allocation: windows (the first of the calibration set) for the output Fisher
-    # and, with sequential calibration, for the dense spectra
-    importance_samples: int = Field(default=32, ge=1)
+    # and, with sequential calibration, for the dense spectra. 16 measured as good as 32 on the
+    # default path at 0.4 (98.13 / 271.15 against 98.09 / 275.55) in half the pass's time.
+    importance_samples: int = Field(default=16, ge=1)
     # how a layer's output error becomes estimated loss (docs/allocation in README):
     # "fisher" weights it by the output Fisher, "output_error" takes it raw, "relative" divides
     # it by the layer's total (every layer's relative error counts the same)

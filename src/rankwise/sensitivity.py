@@ -25,7 +25,7 @@ from torch import nn
 
 from rankwise import calibrate, importance
 from rankwise.allocate import LayerShape, rescale_tails
-from rankwise.blockwise import BlockInputs, _forward_all, capture_inputs, find_blocks
+from rankwise.blockwise import BlockInputs, capture_inputs, find_blocks, forward_all
 from rankwise.calibrate import Progress
 from rankwise.layers import factored_layer
 from rankwise.lm_loss import final_head, sliced_loss
@@ -60,7 +60,7 @@ class TailLoss:
         self.hidden = [self.inputs.hidden]
         with torch.inference_mode():
             for block in self.blocks:
-                self.hidden.append(_forward_all(block, self.hidden[-1], self.inputs))
+                self.hidden.append(forward_all(block, self.hidden[-1], self.inputs))
         self.base = self.loss_from(len(self.blocks))
 
     def loss_from(self, index: int) -> float:
@@ -68,7 +68,7 @@ class TailLoss:
         with torch.inference_mode():
             hidden = self.hidden[index]
             for block in self.blocks[index:]:
-                hidden = _forward_all(block, hidden, self.inputs)
+                hidden = forward_all(block, hidden, self.inputs)
             total, _ = sliced_loss(self.head, hidden[0], self.windows)
         return total / (self.windows.shape[0] * (self.windows.shape[1] - 1))
 
@@ -101,7 +101,7 @@ def single_layer_losses(
     list_name, _ = find_blocks(model, names)
     measured: dict[str, tuple[int, float]] = {}
 
-    def after_block(block_names: list[str], block_stats: dict[str, LayerStats]) -> bool:
+    def after_block(block_names: list[str], block_stats: dict[str, LayerStats]) -> None:
         for name in block_names:
             weight = linear_weight(model.get_submodule(name))
             rank = probe_rank(ranks[name], *weight.shape)
@@ -117,7 +117,6 @@ def single_layer_losses(
                 measured[name] = (rank, tail.loss_from(index) - tail.base)
             finally:
                 set_module(tail.runner, name, original)
-        return False
 
     calibrate.collect_grams(
         model,
