@@ -102,9 +102,8 @@ def test_stages_that_change_nothing_give_the_dense_grams_and_outputs(family: str
     def record(names: list[str], stats: dict[str, LayerStats]) -> None:
         seen.update(stats)
 
-    outputs = staged.compress_block_in_stages(
-        block, "", local, inputs.hidden, inputs, torch.float32, record, output_grams=True
-    )
+    job = staged.BlockJob(block, "", local, inputs.hidden, inputs, torch.float32, record, True)
+    outputs = staged.compress_block_in_stages(job)
     assert seen.keys() == set(local)
     for name in local:
         for field in ("input_gram", "output_gram"):
@@ -133,9 +132,10 @@ def test_the_attention_runs_once_per_stage_pass_of_its_output_projection(
         return made
 
     monkeypatch.setattr(staged, "cast_copy", counting_copy)
-    staged.compress_block_in_stages(
+    job = staged.BlockJob(
         block, "", local, inputs.hidden, inputs, torch.float32, lambda *_: None, True
     )
+    staged.compress_block_in_stages(job)
     assert len(calls) == 1 + len(inputs.hidden)  # the probe's batch, then the o_proj stage
 
 

@@ -213,34 +213,47 @@ def _stop(*_: object) -> None:
     raise StopForward
 
 
-def compress_block_in_stages(
-    original: nn.Module,
-    prefix: str,
-    local: list[str],
-    hidden: list[torch.Tensor],
-    inputs: BlockInputs,
-    dtype: torch.dtype,
-    on_group: GroupCallback,
-    output_grams: bool,
-    need_outputs: bool = True,
-) -> list[torch.Tensor] | None:
-    """Factorize one block's targets group by group (`on_group` changes `original`); returns the
-    compressed block's outputs ([] unless `need_outputs`), or None where the block cannot be
+@dataclass
+class BlockJob:
+    """One block to compress: the model's block, its targets, its inputs and what to call."""
+
+    original: nn.Module  # the model's block; `on_group` replaces its targets
+    prefix: str  # the block's name in the model, with a trailing dot
+    local: list[str]  # its targets' names inside it
+    hidden: list[torch.Tensor]  # per batch: (batch, seq, hidden) inputs
+    inputs: BlockInputs  # per batch: the other arguments
+    dtype: torch.dtype
+    on_group: GroupCallback
+    output_grams: bool
+
+    def copy(self) -> tuple[nn.Module, set[str]]:
+        """A copy in the calibration dtype, and the targets that gather output grams there."""
+        copy = cast_copy(self.original, self.dtype)
+        narrow = {n for n in self.local if self.output_grams and is_narrow(copy.get_submodule(n))}
+        return copy, narrow
+
+    def factorize(self, names: list[str], stats: dict[str, LayerStats]) -> None:
+        self.on_group([self.prefix + n for n in names], {self.prefix + n: stats[n] for n in names})
+
+
+def compress_block_in_stages(job: BlockJob, need_outputs: bool = True) -> list[torch.Tensor] | None:
+    """Factorize one block's targets group by group (`job.on_group` changes the block); returns
+    the compressed block's outputs ([] unless `need_outputs`), or None where the block cannot be
     staged (then nothing changed)."""
-    copy = cast_copy(original, dtype)
+    copy, narrow = job.copy()
+    hidden, inputs = job.hidden, job.inputs
     with torch.inference_mode():
-        groups = probe_groups(copy, local, (hidden[0], inputs.args[0], inputs.kwargs[0]))
+        groups = probe_groups(copy, job.local, (hidden[0], inputs.args[0], inputs.kwargs[0]))
     if groups is None:
         return None
-    narrow = {n for n in local if output_grams and is_narrow(copy.get_submodule(n))}
     cursor = _Cursor()
     for group in groups:
         stage = _Stage(copy, group, narrow)
         with torch.inference_mode():
             stats = stage.run(inputs, hidden, cursor)
-        on_group([prefix + n for n in group.names], {prefix + n: s for n, s in stats.items()})
+        job.factorize(group.names, stats)
         for name in group.names:
-            set_module(copy, name, cast_copy(original.get_submodule(name), dtype))
+            set_module(copy, name, cast_copy(job.original.get_submodule(name), job.dtype))
         with torch.inference_mode():
             replay = stage.replay(cursor)
         if replay is not None:
@@ -273,45 +286,26 @@ def compress_sequential(
         local = [n[len(prefix) :] for n in names if n.startswith(prefix)]
         outputs = None
         if local:
-            outputs = compress_block_in_stages(
-                blocks[index],
-                prefix,
-                local,
-                hidden,
-                inputs,
-                dtype,
-                on_group,
-                output_grams,
-                need_outputs=index < used[-1],
+            job = BlockJob(
+                blocks[index], prefix, local, hidden, inputs, dtype, on_group, output_grams
             )
+            outputs = compress_block_in_stages(job, need_outputs=index < used[-1])
             if outputs is None:  # cannot be staged: dense grams, then the compressed outputs
-                outputs = _dense_then_compressed(
-                    blocks[index], prefix, local, hidden, inputs, dtype, on_group, output_grams
-                )
+                outputs = _dense_then_compressed(job)
         elif index < used[-1]:
             with torch.inference_mode():
                 outputs = forward_all(cast_copy(blocks[index], dtype), hidden, inputs)
         hidden = outputs if outputs is not None else hidden
 
 
-def _dense_then_compressed(
-    original: nn.Module,
-    prefix: str,
-    local: list[str],
-    hidden: list[torch.Tensor],
-    inputs: BlockInputs,
-    dtype: torch.dtype,
-    on_group: GroupCallback,
-    output_grams: bool,
-) -> list[torch.Tensor]:
-    copy = cast_copy(original, dtype)
-    narrow = {n for n in local if output_grams and is_narrow(copy.get_submodule(n))}
-    collector = GramCollector(copy, local, narrow)
+def _dense_then_compressed(job: BlockJob) -> list[torch.Tensor]:
+    copy, narrow = job.copy()
+    collector = GramCollector(copy, job.local, narrow)
     try:
         with torch.inference_mode():
-            forward_all(copy, hidden, inputs)
+            forward_all(copy, job.hidden, job.inputs)
     finally:
         collector.remove()
-    on_group([prefix + n for n in local], {prefix + n: s for n, s in collector.stats().items()})
+    job.factorize(job.local, collector.stats())
     with torch.inference_mode():
-        return forward_all(cast_copy(original, dtype), hidden, inputs)
+        return forward_all(cast_copy(job.original, job.dtype), job.hidden, job.inputs)
