@@ -328,6 +328,48 @@ def test_whiten_on_targets_outside_the_blocks_uses_a_whole_model_pass() -> None:
 
 
 @pytest.mark.parametrize(
+    ("family", "block_targets", "ratio"),
+    [
+        ("llama", r"layers\.{}\.(self_attn|mlp)\.\w+_proj$", 0.25),
+        ("gpt2", r"h\.{}\.(attn|mlp)\.c_\w+$", 0.375),
+    ],
+)
+def test_sequential_not_staged_equals_compressing_block_by_block_by_hand(
+    family: str, block_targets: str, ratio: float
+) -> None:
+    """`staged=False`: block k's statistics come from the model whose blocks before k are
+    compressed, block k itself dense (GPT-2: a block run twice must not attend to its first
+    run's keys, handed over positionally)."""
+    windows = make_windows()
+    base = make_model(family)
+    by_hand = copy.deepcopy(base)
+    hand_ranks = {}
+    for block in ("0", "1"):
+        recipe = Recipe(
+            allocation="uniform",
+            method="whiten",
+            ratio=ratio,
+            targets=[block_targets.format(block)],
+            calib_dtype="float32",
+            sequential=False,
+        )
+        hand_ranks.update(rankwise.compress(by_hand, recipe, windows=windows).ranks)
+    sequential = copy.deepcopy(base)
+    recipe = Recipe(
+        allocation="uniform",
+        method="whiten",
+        ratio=ratio,
+        calib_dtype="float32",
+        sequential=True,
+        staged=False,
+    )
+    assert rankwise.compress(sequential, recipe, windows=windows).ranks == hand_ranks
+    torch.testing.assert_close(
+        model_output(sequential, IDS), model_output(by_hand, IDS), atol=1e-5, rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize(
     ("family", "groups", "ratio"),
     [
         (

@@ -39,6 +39,10 @@ def compress_cmd(
     seq_len: Annotated[int | None, typer.Option(help="tokens per window")] = None,
     calib_dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16")] = None,
     sequential: Annotated[bool | None, typer.Option("--sequential/--no-sequential")] = None,
+    staged: Annotated[
+        bool | None,
+        typer.Option("--staged/--no-staged", help="sequential group by group inside blocks"),
+    ] = None,
     stats: Annotated[str | None, typer.Option(help="statistics file to reuse/write")] = None,
     importance_estimator: Annotated[
         str | None, typer.Option(help="fisher | output_error | relative")
@@ -84,6 +88,7 @@ def compress_cmd(
         seq_len=seq_len,
         calib_dtype=calib_dtype,
         sequential=sequential,
+        staged=staged,
         stats=stats,
         importance_estimator=importance_estimator,
         importance_samples=importance_samples,

@@ -292,9 +292,9 @@ def compress_blockwise(
     recipe: Recipe,
     windows: torch.Tensor,
 ) -> None:
-    """Block by block: gather a block's statistics, then factorize it. Sequential: group by group
-    inside each block, each from the block as compressed so far (staged.py); else every block
-    from the original model's inputs (one pass)."""
+    """Block by block: gather a block's statistics, then factorize it. Sequential: each block from
+    the blocks before it compressed, and with `recipe.staged` group by group inside it
+    (staged.py); else every block from the original model's inputs (one pass)."""
 
     def factorize(group_names: list[str], stats: dict[str, LayerStats]) -> None:
         for name in group_names:
@@ -303,7 +303,9 @@ def compress_blockwise(
     dtype = getattr(torch, recipe.calib_dtype)
     output_grams = takes_output_grams(loop.method)
     if recipe.sequential:
-        staged.compress_sequential(model, names, windows, dtype, factorize, output_grams)
+        staged.compress_sequential(
+            model, names, windows, dtype, factorize, output_grams, staged=recipe.staged
+        )
         return
 
     calibrate.collect_grams(

@@ -86,6 +86,11 @@ class Recipe(BaseModel):
     # every ratio: bench/results/sequential.md). A statistics file (`stats`) holds the dense
     # model's statistics, reusable across ratios, so giving one implies a single pass.
     sequential: bool = True
+    # Sequential inside each block too, group by group (staged.py): on SmolLM2 the attention runs
+    # once per block instead of twice (the default run 2:19 -> 1:41-1:48, same quality). On
+    # Gemma 3 270M, whose MLP is 4x wider than its attention, it is slower and was worse
+    # (bench/results/gemma3_270m.md): False gathers each block dense, then recomputes it.
+    staged: bool = True
     stats: str | None = None  # statistics file to reuse (safetensors); written if missing
     # importance allocation: windows (the first of the calibration set) for the output Fisher
     # and, with sequential calibration, for the dense spectra. 16 measured as good as 32 on the

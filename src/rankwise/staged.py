@@ -274,8 +274,10 @@ def compress_sequential(
     on_group: GroupCallback,
     output_grams: bool = False,
     batch_size: int = 4,
+    staged: bool = True,
 ) -> None:
-    """Sequential calibration and factorization of every target, block by block, in stages."""
+    """Sequential calibration and factorization of every target, block by block: in stages,
+    or (`staged=False`, and for blocks that cannot be staged) dense grams then recompute."""
     list_name, blocks = find_blocks(model, names)
     used = used_blocks(model, names)
     inputs = capture_inputs(model, blocks[0], windows, batch_size, dtype)
@@ -289,8 +291,9 @@ def compress_sequential(
             job = BlockJob(
                 blocks[index], prefix, local, hidden, inputs, dtype, on_group, output_grams
             )
-            outputs = compress_block_in_stages(job, need_outputs=index < used[-1])
-            if outputs is None:  # cannot be staged: dense grams, then the compressed outputs
+            if staged:
+                outputs = compress_block_in_stages(job, need_outputs=index < used[-1])
+            if outputs is None:  # not staged: dense grams, then the compressed block's outputs
                 outputs = _dense_then_compressed(job)
         elif index < used[-1]:
             with torch.inference_mode():
