@@ -12,7 +12,7 @@ from torch import nn
 
 from rankwise import staged
 from rankwise.blockwise import BlockInputs, capture_inputs, find_blocks, forward_all
-from rankwise.calibrate import GramCollector, is_narrow
+from rankwise.calibrate import GramCollector, narrow_targets
 from rankwise.methods import LayerStats
 from rankwise.models import find_targets
 
@@ -91,7 +91,7 @@ def test_stages_that_change_nothing_give_the_dense_grams_and_outputs(family: str
     every group's statistics and the block's outputs."""
     block, local, inputs = first_block(family)
     copy_ = copy.deepcopy(block)
-    narrow = {n for n in local if is_narrow(copy_.get_submodule(n))}
+    narrow = narrow_targets(copy_, local, True)
     collector = GramCollector(copy_, local, narrow)
     with torch.inference_mode():
         dense_outputs = forward_all(copy_, inputs.hidden, inputs)

@@ -242,8 +242,7 @@ def collect_grams(
     def on_block(index: int, block: nn.Module, run: Callable[[], None]) -> None:
         prefix = f"{list_name}.{index}."
         local = [n[len(prefix) :] for n in names if n.startswith(prefix)]
-        narrow = {n for n in local if output_grams and is_narrow(block.get_submodule(n))}
-        collector = GramCollector(block, local, narrow)
+        collector = GramCollector(block, local, narrow_targets(block, local, output_grams))
         try:
             run()
         finally:
@@ -263,6 +262,12 @@ def collect_grams(
 def is_narrow(module: nn.Module) -> bool:
     out_features, in_features = linear_weight(module).shape
     return out_features < in_features
+
+
+def narrow_targets(root: nn.Module, names: list[str], output_grams: bool) -> set[str]:
+    """The targets (relative to `root`) that gather output grams: none unless the method takes
+    them (`output_grams`), else those narrower out than in."""
+    return {n for n in names if output_grams and is_narrow(root.get_submodule(n))}
 
 
 def collect_grams_whole(

@@ -88,7 +88,7 @@ class Recipe(BaseModel):
     sequential: bool = True
     # Sequential inside each block too, group by group (staged.py): on SmolLM2 the attention runs
     # once per block instead of twice (the default run 2:19 -> 1:41-1:48, same quality). On
-    # Gemma 3 270M, whose MLP is 4x wider than its attention, it is slower and was worse
+    # Gemma 3 270M (MLP 3.2x its hidden size, a small attention) it is slower and was worse
     # (bench/results/gemma3_270m.md): False gathers each block dense, then recomputes it.
     staged: bool = True
     stats: str | None = None  # statistics file to reuse (safetensors); written if missing

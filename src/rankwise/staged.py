@@ -19,8 +19,10 @@ the kept input. Attention then runs once per block, in the stage of o_proj. A la
 the copy gives the block's outputs. (A target wider in than out, the MLP's down projection, keeps
 no input: 200 MB for SmolLM2 at 128 windows, for a recompute of the MLP.)
 
-A block the probe cannot stage (a target called twice, or never) is gathered dense and recomputed
-compressed, as blockwise.run_blocks does. Measured against that (bench/results/sequential.md).
+A block the probe cannot stage (a target called twice, or never), and every block with
+`staged=False`, is gathered dense and then run through its compressed self
+(`_dense_then_compressed`). The two are measured against each other in
+bench/results/sequential.md.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from rankwise.blockwise import (
     forward_all,
     used_blocks,
 )
-from rankwise.calibrate import GramCollector, is_narrow
+from rankwise.calibrate import GramCollector, narrow_targets
 from rankwise.memory import release_freed_memory
 from rankwise.methods import LayerStats
 from rankwise.models import cast_copy, linear_weight, set_module
@@ -148,7 +150,8 @@ class _Stage:
     kept: list[torch.Tensor] = field(default_factory=list)  # the target's input, per batch
     # per batch, what the parent returned besides the target's output (None: that alone)
     rests: list[tuple | None] = field(default_factory=list)
-    replayable: bool = False  # the parent returned the target's output on every batch
+    keeps_input: bool = field(init=False)  # its parent may be replayed from the kept inputs
+    replayable: bool = field(init=False)  # ... and returned the target's output on every batch
 
     def __post_init__(self) -> None:
         # a replay needs the target's input kept: not where it is wider than the output
@@ -229,8 +232,7 @@ class BlockJob:
     def copy(self) -> tuple[nn.Module, set[str]]:
         """A copy in the calibration dtype, and the targets that gather output grams there."""
         copy = cast_copy(self.original, self.dtype)
-        narrow = {n for n in self.local if self.output_grams and is_narrow(copy.get_submodule(n))}
-        return copy, narrow
+        return copy, narrow_targets(copy, self.local, self.output_grams)
 
     def factorize(self, names: list[str], stats: dict[str, LayerStats]) -> None:
         self.on_group([self.prefix + n for n in names], {self.prefix + n: stats[n] for n in names})
