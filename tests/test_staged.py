@@ -17,8 +17,10 @@ from rankwise.methods import LayerStats
 from rankwise.models import find_targets
 
 
-def first_block(family: str, count: int = 4) -> tuple[nn.Module, list[str], BlockInputs]:
-    model = make_model(family)
+def first_block(
+    family: str, count: int = 4, **changes: object
+) -> tuple[nn.Module, list[str], BlockInputs]:
+    model = make_model(family, **changes)
     names = find_targets(model)
     list_name, blocks = find_blocks(model, names)
     inputs = capture_inputs(model, blocks[0], make_windows(count, 12), 2, torch.float32)
@@ -85,11 +87,16 @@ def test_a_target_called_twice_cannot_be_staged() -> None:
         assert staged.probe_groups(Twice(), ["inner"], (torch.randn(2, 8), (), {})) is None
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
-def test_stages_that_change_nothing_give_the_dense_grams_and_outputs(family: str) -> None:
+@pytest.mark.parametrize(
+    ("family", "changes"),
+    [("llama", {}), ("gpt2", {}), ("gemma3", {}), ("gemma3", {"head_dim": 32})],
+)
+def test_stages_that_change_nothing_give_the_dense_grams_and_outputs(
+    family: str, changes: dict
+) -> None:
     """With no factorization, the stops, kept inputs and replays must reproduce the dense block:
     every group's statistics and the block's outputs."""
-    block, local, inputs = first_block(family)
+    block, local, inputs = first_block(family, **changes)
     copy_ = copy.deepcopy(block)
     narrow = narrow_targets(copy_, local, True)
     collector = GramCollector(copy_, local, narrow)
@@ -116,12 +123,17 @@ def test_stages_that_change_nothing_give_the_dense_grams_and_outputs(family: str
         torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("family", "changes"),
+    [("llama", {}), ("gemma3", {"head_dim": 32})],  # gemma3: o_proj reads 128, writes 64
+)
 def test_the_attention_runs_once_per_stage_pass_of_its_output_projection(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, family: str, changes: dict
 ) -> None:
-    """What staging is for: the attention of a llama block runs for the probe's batch and in the
-    stage of o_proj; later stages and the outputs see its replay."""
-    block, local, inputs = first_block("llama")
+    """What staging is for: the attention of a block runs for the probe's batch and in the
+    stage of o_proj; later stages and the outputs see its replay, also where o_proj is wider in
+    than out."""
+    block, local, inputs = first_block(family, **changes)
     calls: list[int] = []
     cast_copy = staged.cast_copy
 

@@ -16,8 +16,10 @@ before a stop is done again by later stages, so the attention must not be: the s
 that is one target t returning its parent P's output runs P to its end and keeps t's input; once t
 is factorized, P is replaced in the copy by a replay of its outputs, with t's new layer applied to
 the kept input. Attention then runs once per block, in the stage of o_proj. A last pass through
-the copy gives the block's outputs. (A target wider in than out, the MLP's down projection, keeps
-no input: 200 MB for SmolLM2 at 128 windows, for a recompute of the MLP.)
+the copy gives the block's outputs. (The last group's target keeps no input where it is wider in
+than out: for the MLP's down projection that would be 200 MB for SmolLM2 at 128 windows, to save
+one recompute of the MLP. Earlier ones keep theirs: Gemma 3's o_proj reads 1024 features and
+writes 640, and without its replay the attention ran in every later stage.)
 
 A block the probe cannot stage (a target called twice, or never), and every block with
 `staged=False`, is gathered dense and then run through its compressed self
@@ -147,6 +149,7 @@ class _Stage:
     copy: nn.Module
     group: Group
     narrow: set[str]
+    last: bool  # the block's last group: only the outputs' pass would see its replay
     kept: list[torch.Tensor] = field(default_factory=list)  # the target's input, per batch
     # per batch, what the parent returned besides the target's output (None: that alone)
     rests: list[tuple | None] = field(default_factory=list)
@@ -154,10 +157,12 @@ class _Stage:
     replayable: bool = field(init=False)  # ... and returned the target's output on every batch
 
     def __post_init__(self) -> None:
-        # a replay needs the target's input kept: not where it is wider than the output
+        # a replay needs the target's input kept: not for the last group where it is wider
+        # than the output (memory for one recompute)
         target = self.copy.get_submodule(self.group.names[-1])
         out_features, in_features = linear_weight(target).shape
-        self.keeps_input = self.group.parent is not None and in_features <= out_features
+        worth = not self.last or in_features <= out_features
+        self.keeps_input = self.group.parent is not None and worth
         self.replayable = self.keeps_input
 
     def run(
@@ -249,8 +254,8 @@ def compress_block_in_stages(job: BlockJob, need_outputs: bool = True) -> list[t
     if groups is None:
         return None
     cursor = _Cursor()
-    for group in groups:
-        stage = _Stage(copy, group, narrow)
+    for number, group in enumerate(groups):
+        stage = _Stage(copy, group, narrow, last=number == len(groups) - 1)
         with torch.inference_mode():
             stats = stage.run(inputs, hidden, cursor)
         job.factorize(group.names, stats)
