@@ -187,3 +187,20 @@ def test_a_block_that_cannot_be_staged_is_gathered_dense_then_recomputed_compres
     # block 1 reads block 0's zeros, then its own bias: the gram of the compressed prefix
     expected = windows.numel() * torch.outer(bias, bias)
     torch.testing.assert_close(seen["layers.1.inner"].input_gram, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_last_group_takes_its_gram_in_the_stage_before_it() -> None:
+    """down_proj's gram comes from the dense gate/up (better on Gemma 3 and SmolLM2, one pass
+    fewer): the last two groups become one, with no parent to replay."""
+    block, local, inputs = first_block("llama")
+    with torch.inference_mode():
+        groups = staged.probe_groups(
+            block, local, (inputs.hidden[0], inputs.args[0], inputs.kwargs[0])
+        )
+    joined = staged.join_last(groups)
+    assert [(g.names, g.parent) for g in joined] == [
+        (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], None),
+        (["self_attn.o_proj"], "self_attn"),
+        (["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"], None),
+    ]
+    assert staged.join_last(groups[:1]) == groups[:1]

@@ -3,23 +3,22 @@
 Sequential calibration gathers block k's grams with blocks 0..k-1 compressed. Done plainly, every
 block runs twice over the calibration windows: dense with hooks (the grams), then compressed (the
 next block's inputs). Here each block's targets are factorized group by group instead (a group:
-the targets that read one tensor: q/k/v, then o, then gate/up, then down), each from the gram of
+the targets that read one tensor: q/k/v, then o, then gate/up with down), each from the gram of
 its input with the groups before it already compressed, and what ran before a group's gram is not
 run again where it is expensive.
 
 How a block is staged. A probe runs the first batch through a copy of the block and records the
 order in which targets are called, which of them read the same tensor (the groups), and which
 module returns a target's output as its own (o_proj's is the attention's, by tensor identity).
-Stage g runs every batch through the copy until group g's gram is complete, then stops
-(StopForward); the group is factorized in the model and its layers swapped into the copy. Work
-before a stop is done again by later stages, so the attention must not be: the stage of a group
-that is one target t returning its parent P's output runs P to its end and keeps t's input; once t
-is factorized, P is replaced in the copy by a replay of its outputs, with t's new layer applied to
-the kept input. Attention then runs once per block, in the stage of o_proj. A last pass through
-the copy gives the block's outputs. (The last group's target keeps no input where it is wider in
-than out: for the MLP's down projection that would be 200 MB for SmolLM2 at 128 windows, to save
-one recompute of the MLP. Earlier ones keep theirs: Gemma 3's o_proj reads 1024 features and
-writes 640, and without its replay the attention ran in every later stage.)
+The last group joins the one before it (`join_last`): the MLP's down projection takes its gram
+from the dense gate/up, in their stage. Stage g runs every batch through the copy until group g's
+grams are complete, then stops (StopForward); the group is factorized in the model and its
+layers swapped into the copy. Work before a stop is done again by later stages, so the attention
+must not be: the stage of a group that is one target t returning its parent P's output runs P to
+its end and keeps t's input; once t is factorized, P is replaced in the copy by a replay of its
+outputs, with t's new layer applied to the kept input. Attention then runs once per block, in the
+stage of o_proj, and the MLP twice: for its grams, and in the last pass through the copy, which
+gives the block's outputs.
 
 A block the probe cannot stage (a target called twice, or never), and every block with
 `staged=False`, is gathered dense and then run through its compressed self
@@ -47,7 +46,7 @@ from rankwise.blockwise import (
 from rankwise.calibrate import GramCollector, narrow_targets
 from rankwise.memory import release_freed_memory
 from rankwise.methods import LayerStats
-from rankwise.models import cast_copy, linear_weight, set_module
+from rankwise.models import cast_copy, set_module
 
 # called with a group's full target names and statistics; factorizes them in the model
 GroupCallback = Callable[[list[str], dict[str, LayerStats]], None]
@@ -133,6 +132,17 @@ def probe_groups(block: nn.Module, names: list[str], batch: tuple) -> list[Group
     return groups
 
 
+def join_last(groups: list[Group]) -> list[Group]:
+    """The block's last group (the MLP's down projection) takes its gram in the stage of the
+    group before it, from that group's dense outputs. A stage of its own saves no work (only the
+    outputs' pass comes after it) and costs a pass through the group before; and its gram from
+    the compressed gate/up gave a worse model on Gemma 3 270M (bench/results/sequential.md)."""
+    if len(groups) < 2:
+        return groups
+    *first, before, last = groups
+    return [*first, Group(before.names + last.names)]
+
+
 def _parent(name: str, names: list[str], outputs: dict[str, object], done: set[str]) -> str | None:
     """The outermost module returning `name`'s output whose other targets are all done."""
     for ancestor in _ancestors(name):
@@ -149,7 +159,6 @@ class _Stage:
     copy: nn.Module
     group: Group
     narrow: set[str]
-    last: bool  # the block's last group: only the outputs' pass would see its replay
     kept: list[torch.Tensor] = field(default_factory=list)  # the target's input, per batch
     # per batch, what the parent returned besides the target's output (None: that alone)
     rests: list[tuple | None] = field(default_factory=list)
@@ -157,12 +166,8 @@ class _Stage:
     replayable: bool = field(init=False)  # ... and returned the target's output on every batch
 
     def __post_init__(self) -> None:
-        # a replay needs the target's input kept: not for the last group where it is wider
-        # than the output (memory for one recompute)
-        target = self.copy.get_submodule(self.group.names[-1])
-        out_features, in_features = linear_weight(target).shape
-        worth = not self.last or in_features <= out_features
-        self.keeps_input = self.group.parent is not None and worth
+        # a replay needs the target's input kept (o_proj's: 75 MB for SmolLM2 at 128 windows)
+        self.keeps_input = self.group.parent is not None
         self.replayable = self.keeps_input
 
     def run(
@@ -253,9 +258,10 @@ def compress_block_in_stages(job: BlockJob, need_outputs: bool = True) -> list[t
         groups = probe_groups(copy, job.local, (hidden[0], inputs.args[0], inputs.kwargs[0]))
     if groups is None:
         return None
+    groups = join_last(groups)
     cursor = _Cursor()
-    for number, group in enumerate(groups):
-        stage = _Stage(copy, group, narrow, last=number == len(groups) - 1)
+    for group in groups:
+        stage = _Stage(copy, group, narrow)
         with torch.inference_mode():
             stats = stage.run(inputs, hidden, cursor)
         job.factorize(group.names, stats)
