@@ -86,10 +86,10 @@ class Recipe(BaseModel):
     # every ratio: bench/results/sequential.md). A statistics file (`stats`) holds the dense
     # model's statistics, reusable across ratios, so giving one implies a single pass.
     sequential: bool = True
-    # Sequential inside each block too, group by group (staged.py): on SmolLM2 the attention runs
-    # once per block instead of twice (the default run 2:19 -> 1:41-1:48, same quality). On
-    # Gemma 3 270M (MLP 3.2x its hidden size, a small attention) it is slower and was worse
-    # (bench/results/gemma3_270m.md): False gathers each block dense, then recomputes it.
+    # Sequential inside each block too, group by group (staged.py): the attention runs once per
+    # block instead of twice (SmolLM2's default run 2:19 -> 1:41), and the models are as good or
+    # better on SmolLM2 and Gemma 3 270M (bench/results/sequential.md). False gathers each
+    # block dense, then recomputes it.
     staged: bool = True
     stats: str | None = None  # statistics file to reuse (safetensors); written if missing
     # importance allocation: windows (the first of the calibration set) for the output Fisher
