@@ -65,7 +65,8 @@ def linear_seconds(model: nn.Module, tokens: int) -> dict[str, float]:
     by_family: dict[str, float] = {}
     for name, module in linears(model).items():
         x = torch.randn(1, tokens, module.in_features)  # (1, tokens, in)
-        module(x)  # warm-up
+        with torch.inference_mode():
+            module(x)  # warm-up, no graph
         family = name.rsplit(".", 1)[-1]
         by_family[family] = by_family.get(family, 0.0) + fastest(lambda m=module, x=x: m(x))
     return by_family

@@ -28,6 +28,15 @@ def first_block(
     return blocks[0], [n[len(prefix) :] for n in names if n.startswith(prefix)], inputs
 
 
+def probe_first_batch(
+    block: nn.Module, local: list[str], inputs: BlockInputs
+) -> list[staged.Group] | None:
+    with torch.inference_mode():
+        return staged.probe_groups(
+            block, local, (inputs.hidden[0], inputs.args[0], inputs.kwargs[0])
+        )
+
+
 @pytest.mark.parametrize(
     ("family", "expected"),
     [
@@ -64,10 +73,7 @@ def test_the_probe_finds_groups_in_call_order_and_the_modules_returning_their_ou
     family: str, expected: list
 ) -> None:
     block, local, inputs = first_block(family)
-    with torch.inference_mode():
-        groups = staged.probe_groups(
-            block, local, (inputs.hidden[0], inputs.args[0], inputs.kwargs[0])
-        )
+    groups = probe_first_batch(block, local, inputs)
     assert [(g.names, g.parent) for g in groups] == expected
 
 
@@ -193,10 +199,7 @@ def test_the_last_group_takes_its_gram_in_the_stage_before_it() -> None:
     """down_proj's gram comes from the dense gate/up (better on Gemma 3 and SmolLM2, one pass
     fewer): the last two groups become one, with no parent to replay."""
     block, local, inputs = first_block("llama")
-    with torch.inference_mode():
-        groups = staged.probe_groups(
-            block, local, (inputs.hidden[0], inputs.args[0], inputs.kwargs[0])
-        )
+    groups = probe_first_batch(block, local, inputs)
     joined = staged.join_last(groups)
     assert [(g.names, g.parent) for g in joined] == [
         (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], None),

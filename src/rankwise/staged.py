@@ -162,13 +162,17 @@ class _Stage:
     kept: list[torch.Tensor] = field(default_factory=list)  # the target's input, per batch
     # per batch, what the parent returned besides the target's output (None: that alone)
     rests: list[tuple | None] = field(default_factory=list)
-    keeps_input: bool = field(init=False)  # its parent may be replayed from the kept inputs
-    replayable: bool = field(init=False)  # ... and returned the target's output on every batch
+    # the parent returned the target's output on every batch so far (a replay can stand in)
+    replayable: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        # a replay needs the target's input kept (o_proj's: 75 MB for SmolLM2 at 128 windows)
-        self.keeps_input = self.group.parent is not None
         self.replayable = self.keeps_input
+
+    @property
+    def keeps_input(self) -> bool:
+        """A replay of the parent needs the target's input kept (o_proj's: 75 MB for SmolLM2 at
+        128 windows); only a group with a parent has one."""
+        return self.group.parent is not None
 
     def run(
         self, batches: BlockInputs, hidden: list[torch.Tensor], cursor: _Cursor
