@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_model, make_windows
+from conftest import CAUSAL, make_model, make_windows
 
 from rankwise import evaluate
 from rankwise.report import fmt_ppl, human_bytes, layer_table, summary_table
@@ -31,6 +31,30 @@ def test_perplexity_is_exp_mean_nll(batch_size: int) -> None:
     assert result.perplexity == pytest.approx(manual_perplexity(model, windows), rel=1e-5)
     assert result.perplexity == pytest.approx(math.exp(result.nll))
     assert sum(advanced) == 5
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+@pytest.mark.parametrize("chunk", [3, 512])
+def test_chunked_head_scores_equal_the_full_logits(family: str, chunk: int) -> None:
+    model = make_model(family)
+    windows = make_windows(3, 12)
+    with torch.no_grad():
+        nll = evaluate.window_nll(model, windows, chunk=chunk)
+    assert evaluate._head(model) is not None  # every built-in family takes the chunked path
+    assert nll.dtype == torch.float64
+    assert float(nll.sum() / (3 * 11)) == pytest.approx(
+        math.log(manual_perplexity(model, windows)), rel=1e-5
+    )
+
+
+def test_a_soft_capped_head_is_scored_like_the_model() -> None:
+    model = make_model("gemma3", final_logit_softcapping=2.0)
+    windows = make_windows(2, 10)
+    with torch.no_grad():
+        nll = evaluate.window_nll(model, windows, chunk=4)
+    assert float(nll.sum() / 18) == pytest.approx(
+        math.log(manual_perplexity(model, windows)), rel=1e-5
+    )
 
 
 def test_random_model_is_near_uniform() -> None:

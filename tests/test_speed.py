@@ -195,6 +195,44 @@ def test_saved_recipe_policy_is_the_load_default(tmp_path: Path) -> None:
     assert low_rank_count(rankwise.load(out, merge_policy="never")) == 14
 
 
+def test_the_merge_decision_is_made_once_at_save_and_every_load_is_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A noisy machine: every timing a coin flip. Saved once, the directory still loads as one
+    network, however often (the decision taken at save time is stored, not re-timed)."""
+    import random
+
+    import rankwise.policy as policy
+
+    coin = random.Random(0)
+
+    def noisy_costs(shapes: object, *args: object, **kwargs: object) -> policy.CostFn:
+        return lambda out, inp, rank, tokens: (1.0, 0.5 if coin.random() < 0.85 else 2.0)
+
+    monkeypatch.setattr(policy, "measure_costs", noisy_costs)
+    recipe = Recipe(ratio=0.5, method="svd", allocation="uniform", calib_dtype="float32")
+    result = rankwise.compress(make_model("llama"), recipe, windows=make_windows())
+    out = rankwise.save(result, str(tmp_path / "model"))
+    stored = json.loads((Path(out) / "config.json").read_text())["rankwise"]["merge"]
+    assert stored["policy"] == "auto" and "CPU capability" in stored["machine"]
+    first, second = rankwise.load(out), rankwise.load(out)
+    structure = [(n, type(m).__name__) for n, m in first.named_modules()]
+    assert structure == [(n, type(m).__name__) for n, m in second.named_modules()]
+    assert 0 < low_rank_count(first) < 14  # the coin merged some layers, not all
+    assert sorted(stored["merged"]) == sorted(
+        n for n, m in first.named_modules() if "proj" in n and isinstance(m, nn.Linear)
+    )
+    torch.testing.assert_close(model_output(first, IDS), model_output(second, IDS))
+
+
+def test_a_directory_without_a_stored_decision_keeps_every_factor(tmp_path: Path) -> None:
+    out = Path(saved(tmp_path))
+    config = json.loads((out / "config.json").read_text())
+    del config["rankwise"]["merge"]  # as the previous format wrote it
+    (out / "config.json").write_text(json.dumps(config))
+    assert low_rank_count(rankwise.load(out)) == 14
+
+
 # --- bench ------------------------------------------------------------------------------------
 
 

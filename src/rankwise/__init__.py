@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from rankwise.compress import Compressed, compress
 from rankwise.errors import RankwiseError
+from rankwise.hardware import CpuFacts
 from rankwise.io import load, save_compressed
 from rankwise.layers import LowRankLinear
 from rankwise.models import load_model
+from rankwise.policy import merge_decision
 from rankwise.recipe import Recipe, RecoverConfig
 from rankwise.recover import recover
 
@@ -42,6 +44,9 @@ def save(
             {k: v for k, v in result.recovery.items() if k != "losses"} if result.recovery else None
         ),
         "merge_policy": result.recipe.merge_policy,
+        "merge": merge_decision(
+            result.model, result.recipe.merge_policy, CpuFacts.detect().describe()
+        ),
         # A list, not a mapping: config.json is written with sorted keys, and the per-layer
         # table should read in model order.
         "targets": [

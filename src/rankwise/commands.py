@@ -17,8 +17,9 @@ from rankwise.errors import ModelNotFoundError, RankwiseError
 from rankwise.eval_commands import run_encoder_eval
 from rankwise.features import FeatureOptions
 from rankwise.io import EVAL_FILE, check_output, directory_bytes, is_compressed_dir
+from rankwise.methods import get_method
 from rankwise.models import BUNDLED, Loaded, cache_dir, load_model
-from rankwise.progress import RichReporter
+from rankwise.progress import Reporter, cli_reporter
 from rankwise.recipe import Recipe
 from rankwise.recovery import recover_model
 from rankwise.report import layer_table, summary_table
@@ -33,9 +34,7 @@ def eval_token_windows(loaded: Loaded, streams: list[str], windows: int) -> dict
     return data.eval_windows(loaded.tokenizer, tuple(streams), count=windows)
 
 
-def measure_perplexity(
-    loaded: Loaded, token_windows: dict, reporter: RichReporter
-) -> dict[str, float]:
+def measure_perplexity(loaded: Loaded, token_windows: dict, reporter: Reporter) -> dict[str, float]:
     results = {}
     for stream, stream_windows in token_windows.items():
         with reporter.task(f"perplexity {stream}", total=len(stream_windows)) as advance:
@@ -60,7 +59,7 @@ def _eval_cache_file(source: str, token_windows: dict) -> Path | None:
 
 
 def dense_perplexity(
-    loaded: Loaded, spec: str, token_windows: dict, reporter: RichReporter
+    loaded: Loaded, spec: str, token_windows: dict, reporter: Reporter
 ) -> dict[str, float]:
     cache = _eval_cache_file(spec, token_windows)
     if cache is not None and cache.is_file():
@@ -83,6 +82,16 @@ def _bytes_fp32(params: int) -> int:
     return params * 4
 
 
+def check_before_loading(recipe: Recipe) -> None:
+    """Everything in the recipe that can be checked without the model: a mistake in an option
+    or a file is reported in a second, not after the model was loaded."""
+    if recipe.model not in BUNDLED and not Path(recipe.model).expanduser().exists():
+        raise ModelNotFoundError(f"model not found: {recipe.model}")
+    get_method(recipe.method)
+    for source in {recipe.calib, recipe.recover.calib} - {None, *data.EVAL_STREAMS}:
+        data.read_user_text(source)
+
+
 def run_compress(
     recipe: Recipe,
     out: Path,
@@ -96,9 +105,8 @@ def run_compress(
     import rankwise
 
     out = check_output(out, overwrite)  # before any work: nothing is written on bad input
-    if recipe.model not in BUNDLED and not Path(recipe.model).expanduser().exists():
-        raise ModelNotFoundError(f"model not found: {recipe.model}")
-    reporter = RichReporter()
+    check_before_loading(recipe)
+    reporter = cli_reporter()
     streams = list(data.EVAL_STREAMS)
     start = time.perf_counter()
     with reporter.task(f"loading {recipe.model}") as advance:
@@ -160,7 +168,7 @@ def run_compress(
     return figures
 
 
-def store_eval(directory: Path, row: dict[str, object], reporter: RichReporter) -> None:
+def store_eval(directory: Path, row: dict[str, object], reporter: Reporter) -> None:
     """Keep the figures next to the model (DIR/eval.json) so `rankwise report` finds them."""
     try:
         atomic_write_text(directory / EVAL_FILE, json.dumps(row, indent=2))
@@ -175,7 +183,7 @@ def run_eval(
     reference: str | None = None,
     store: bool = True,
 ) -> dict[str, object]:
-    reporter = RichReporter()
+    reporter = cli_reporter()
     with reporter.task(f"loading {spec}") as advance:
         loaded = load_model(spec)
         advance(1)
@@ -264,7 +272,7 @@ def run_features(
     from rankwise.features import activation_module, analyse
     from rankwise.report import feature_table
 
-    reporter = RichReporter()
+    reporter = cli_reporter()
     with reporter.task(f"loading {spec}" + (f" and {vs}" if vs else "")) as advance:
         loaded = load_model(spec)
         other = load_model(vs).model if vs else None

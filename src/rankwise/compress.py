@@ -18,6 +18,7 @@ from rankwise.blockwise import in_one_block_list
 from rankwise.csr import csr_params
 from rankwise.errors import NonFiniteWeightsError
 from rankwise.gather import gather_statistics, resolve_windows
+from rankwise.hardware import compute_dtype, resolve_dtypes
 from rankwise.layers import SparseLowRankLinear, factored_layer
 from rankwise.methods import Factors, LayerStats, Method, MethodOptions, get_method
 from rankwise.methods.base import takes_output_grams
@@ -193,6 +194,8 @@ def compress(
     were compressed, so later layers correct for earlier errors.
     """
     reporter = reporter or Reporter()
+    recipe, dtype_line = resolve_dtypes(recipe)
+    reporter.log(dtype_line)
     timer = Timer()
     model.eval()
     names = find_targets(model, recipe.targets, recipe.ignore)
@@ -300,7 +303,7 @@ def compress_blockwise(
         for name in group_names:
             loop(shapes[name], stats[name])
 
-    dtype = getattr(torch, recipe.calib_dtype)
+    dtype = compute_dtype(recipe.calib_dtype)
     output_grams = takes_output_grams(loop.method)
     if recipe.sequential:
         staged.compress_sequential(

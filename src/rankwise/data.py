@@ -137,10 +137,39 @@ def read_user_text(path: str | Path) -> str:
             texts.append(value)
         text = "\n\n".join(texts)
     else:
-        text = _read_text(path)
+        text = _decode_utf8(path)
     if not text.strip():
         raise CalibrationError(f"calibration file is empty: {path}")
+    check_printable(text, path)
     return text
+
+
+# Below this share of printable characters (letters, digits, punctuation, spaces, newlines), a
+# file is not text: random bytes that happen to decode, a binary file renamed .txt.
+MIN_PRINTABLE = 0.95
+
+
+def _decode_utf8(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CalibrationError(
+            f"{path} is not UTF-8 text (invalid byte at offset {err.start}): give a .txt or "
+            ".jsonl file of plain text"
+        ) from None
+
+
+def check_printable(text: str, path: Path) -> None:
+    """Refuse text that is mostly control characters or other non-printable code points."""
+    sample = text[:1_000_000]
+    printable = sum(ch.isprintable() or ch in "\n\r\t" for ch in sample)
+    if printable < MIN_PRINTABLE * len(sample):
+        share = printable / len(sample)
+        raise CalibrationError(
+            f"{path} does not look like text: only {share:.0%} of its characters are printable "
+            f"(at least {MIN_PRINTABLE:.0%} expected)"
+        )
 
 
 def source_text(source: str, split: str = "calib", min_chars: int | None = None) -> str:

@@ -11,6 +11,10 @@ class ModelNotFoundError(RankwiseError):
     """The model path does not exist or holds no loadable model."""
 
 
+class PickleRefusedError(ModelNotFoundError):
+    """The model's weights exist only as pickles, which rankwise never loads."""
+
+
 class UnsupportedArchitectureError(RankwiseError):
     """No built-in target list for this architecture, and none was given."""
 

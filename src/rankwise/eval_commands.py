@@ -13,7 +13,7 @@ from rankwise.encoder import EncoderTexts, encoder_figures, is_encoder
 from rankwise.errors import ModelNotFoundError
 from rankwise.io import directory_bytes, is_compressed_dir
 from rankwise.models import BUNDLED, Loaded, load_model
-from rankwise.progress import RichReporter
+from rankwise.progress import cli_reporter
 from rankwise.report import human_bytes
 
 console = Console()
@@ -33,7 +33,7 @@ def _size_row(loaded: Loaded, spec: str) -> dict[str, object]:
 
 
 def _load(spec: str) -> Loaded:
-    reporter = RichReporter()
+    reporter = cli_reporter()
     with reporter.task(f"loading {spec}") as advance:
         loaded = load_model(spec)
         advance(1)

@@ -24,14 +24,56 @@ class Perplexity:
     windows: int
 
 
-def window_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Summed NLL of each window's predicted tokens (batch,), in float64."""
-    logits = model(input_ids=batch, use_cache=False).logits  # (batch, seq, vocab)
-    targets = batch[:, 1:]  # (batch, seq-1)
-    nll = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets, reduction="none"
-    )  # (batch, seq-1)
-    return nll.double().sum(dim=1)
+# positions whose logits exist at once: 512 x 49,152 words x 4 bytes = 100 MB for SmolLM2
+LOGIT_CHUNK = 512
+
+
+def _head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None] | None:
+    """(decoder body, LM head, logit soft-cap) when the model is body -> head -> optional
+    soft-cap, as every built-in causal LM family is; None for anything else (then the model's
+    own forward computes all logits at once)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if not isinstance(head, nn.Module) or not isinstance(body, nn.Module) or body is model:
+        return None
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return body, head, softcap
+
+
+def _chunk_nll(
+    head: nn.Module, softcap: float | None, hidden: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Summed NLL (float64) of `targets` (positions,) from `hidden` (positions, width)."""
+    logits = head(hidden).float()  # (positions, vocab)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    nll = F.cross_entropy(logits, targets, reduction="none")  # (positions,)
+    return nll.double().sum()
+
+
+def window_nll(model: nn.Module, batch: torch.Tensor, chunk: int = LOGIT_CHUNK) -> torch.Tensor:
+    """Summed NLL of each window's predicted tokens (batch,), in float64.
+
+    The body runs once on the batch; the LM head then scores `chunk` positions at a time, so the
+    full (batch, seq, vocab) logits never exist (400 MB for 4 SmolLM2 windows, whose copies and
+    transposed cross-entropy made evaluation cost ~1.5x its forwards: bench/results/hardware.md).
+    """
+    parts = _head(model)
+    if parts is None:
+        logits = model(input_ids=batch, use_cache=False).logits  # (batch, seq, vocab)
+        nll = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), batch[:, 1:], reduction="none"
+        )
+        return nll.double().sum(dim=1)
+    body, head, softcap = parts
+    hidden = body(input_ids=batch, use_cache=False)[0]  # (batch, seq, width)
+    sums = torch.zeros(len(batch), dtype=torch.float64)
+    for row in range(len(batch)):
+        for start in range(0, batch.shape[1] - 1, chunk):
+            stop = min(start + chunk, batch.shape[1] - 1)
+            targets = batch[row, start + 1 : stop + 1]  # (positions,)
+            sums[row] += _chunk_nll(head, softcap, hidden[row, start:stop], targets)
+    return sums
 
 
 def perplexity(

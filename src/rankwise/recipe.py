@@ -55,7 +55,8 @@ class RecoverConfig(BaseModel):
     weight_decay: float = Field(default=0.0, ge=0.0)
     temperature: float = Field(default=1.0, gt=0.0)
     hidden_weight: float = Field(default=0.0, ge=0.0)  # + last-hidden-state matching
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # autocast of forward and backward
+    # autocast of forward and backward; "auto" as calib_dtype (hardware.py)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     checkpoint_every: int = Field(default=50, ge=1)
     # > 0: run the teacher once over the training windows first and keep its top-k
     # log-probabilities on disk (beside the checkpoints), so teacher and student never share
@@ -81,7 +82,8 @@ class Recipe(BaseModel):
     calib: str = "bbc"  # "bbc", "wiki", or a path to .txt / .jsonl
     samples: int = Field(default=128, ge=1)
     seq_len: int = Field(default=512, ge=2)
-    calib_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # "auto": bfloat16 where the hardware multiplies it natively, else float32 (hardware.py)
+    calib_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # Block k calibrated on the model whose blocks before k are compressed (measured better at
     # every ratio: bench/results/sequential.md). A statistics file (`stats`) holds the dense
     # model's statistics, reusable across ratios, so giving one implies a single pass.

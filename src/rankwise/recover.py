@@ -25,6 +25,7 @@ from torch import nn
 
 from rankwise.checkpoint import Checkpoints
 from rankwise.errors import CalibrationError, RankwiseError
+from rankwise.hardware import choose_dtype, compute_dtype
 from rankwise.layers import LowRankLinear
 from rankwise.progress import Reporter
 from rankwise.recipe import RecoverConfig
@@ -122,7 +123,7 @@ class Distiller:
             betas=(0.9, 0.95),
             weight_decay=config.weight_decay,
         )
-        self.autocast_dtype = getattr(torch, config.dtype)
+        self.autocast_dtype = compute_dtype(config.dtype)
 
     def _teacher_outputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         want_hidden = self.config.hidden_weight > 0
@@ -230,6 +231,8 @@ def recover(
     if teacher is not None:
         teacher.eval()
     distiller = Distiller(student, teacher, config, cache)
+    choice = choose_dtype(config.dtype)
+    reporter.log(f"recovery dtype {choice.name}: {choice.reason}")
     log = RecoverLog()
     if checkpoints is not None:
         log.start_step, log.losses = checkpoints.restore(distiller.params, distiller.optimizer)

@@ -17,7 +17,7 @@ from rankwise.compress import count_parameters
 from rankwise.errors import ModelNotFoundError, RankwiseError
 from rankwise.io import check_output, is_compressed_dir, save_compressed
 from rankwise.models import load_model
-from rankwise.progress import RichReporter
+from rankwise.progress import Reporter, cli_reporter
 from rankwise.recipe import Recipe
 from rankwise.recover import recover
 
@@ -44,7 +44,7 @@ def recover_model(
     tokenizer: object,
     out: Path,
     resume: bool,
-    reporter: RichReporter,
+    reporter: Reporter,
 ) -> dict[str, object]:
     """Distil `teacher` into `student`'s factors on the recipe's recovery windows."""
     settings = recipe.recover
@@ -88,7 +88,7 @@ def run_recover(
     recipe = saved_recipe(directory)
     recipe = recipe.merged(recover=settings)
     teacher_spec = teacher_spec or block.get("source_model") or recipe.model
-    reporter = RichReporter()
+    reporter = cli_reporter()
     with reporter.task(f"loading {directory}") as advance:
         student = load_model(str(directory))
         advance(1)
