@@ -26,7 +26,8 @@ def tiny_model_dir(root: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = [f"w{i}" for i in range(500)]
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", *words])}, "<unk>"))
+    vocab = {w: i for i, w in enumerate(["<unk>", *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, "<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
     config = transformers.LlamaConfig(
@@ -49,7 +50,8 @@ def main() -> None:
         mount = root / "small-disk"
         mount.mkdir()
         size_kb = 1024  # the compressed model needs several MB
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mount)], check=True)
+        options = f"size={size_kb}k"
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], check=True)
         try:
             run = subprocess.run(
                 [sys.executable, "-m", "rankwise", "compress", str(dense), "--method", "svd",

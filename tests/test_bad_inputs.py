@@ -205,9 +205,8 @@ def test_fewer_windows_than_asked_is_a_warning_with_both_numbers(
     dense_dir: Path, in_tmp: Path, monkeypatch, capsys
 ) -> None:
     (in_tmp / "calib.txt").write_text(word_text(200))
-    args = compress_args(
-        dense_dir, "--calib", "calib.txt", "--method", "whiten", "--seq-len", "32", "--samples", "50"
-    )
+    calib = ["--calib", "calib.txt", "--seq-len", "32", "--samples", "50"]
+    args = compress_args(dense_dir, *calib, "--method", "whiten")
     code, lines = run_cli([*args, "--allocation", "uniform"], monkeypatch, capsys)
     assert code == 0
     warning = [line for line in lines if line.startswith("warning: calibration text gives")]
