@@ -25,8 +25,14 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
+# Sized for a 2-core AVX2 laptop (minutes; bench/results/hardware.md): 16 calibration windows of
+# 256 tokens, 4 for the importance pass, 8 evaluation windows of 512 tokens per stream. The
+# protocol's figures use the default run: rankwise compress default --ratio 0.4 --out DIR.
+DEMO_FLAGS := --samples 16 --seq-len 256 --importance-samples 4 --eval --eval-windows 8
+
 demo: setup
-	$(BIN)/rankwise compress default --method whiten --ratio 0.2 --out demo-out --overwrite --eval
+	$(BIN)/rankwise compress default --method whiten --ratio 0.2 $(DEMO_FLAGS) --out demo-out \
+		--overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -141,3 +141,15 @@ def resolve_dtypes(recipe: Recipe, device: torch.device | str = "cpu") -> tuple[
     if recipe.recover.steps and recover.name != calib.name:
         line += f"; recovery {recover.name}: {recover.reason}"
     return changed, line
+
+
+def machine_line() -> str:
+    """One line naming the machine a figure was measured on (every timing carries it)."""
+    import platform
+
+    facts = CpuFacts.detect()
+    name = str(_cpu_flags().get("cpu_name") or platform.processor() or platform.machine())
+    return (
+        f"CPU {name}, torch {torch.__version__}, {facts.describe()}, "
+        f"{torch.get_num_threads()} threads"
+    )
