@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 import rankwise
-from rankwise.compress import count_parameters
-from rankwise.encoder import EncoderTexts, encoder_figures, probe_accuracy
-from rankwise.io import directory_bytes
-from rankwise.models import load_model, minilm_dir
+from rankwise.evaluation.encoder import EncoderTexts, encoder_figures, probe_accuracy
+from rankwise.model.accounting import count_parameters
+from rankwise.model.loading import minilm_dir
+from rankwise.storage.saved import directory_bytes
+from rankwise.storage.sources import load_model
 
 RESULTS = Path(__file__).parent / "results"
 

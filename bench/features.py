@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from rankwise import data
-from rankwise.features import (
+from rankwise.analysis.features import (
     Comparison,
     FeatureOptions,
     activation_module,
@@ -29,8 +28,9 @@ from rankwise.features import (
     describe,
     fit_features,
 )
-from rankwise.models import load_model
-from rankwise.seminmf import svd_relative_error
+from rankwise.analysis.seminmf import svd_relative_error
+from rankwise.data import corpora
+from rankwise.storage.sources import load_model
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -85,7 +85,7 @@ def main() -> None:
     loaded = load_model("default")
     dense, tokenizer = loaded.model, loaded.tokenizer
     others = {Path(o).name: load_model(o).model for o in args.others}
-    windows = data.eval_windows(tokenizer, ("bbc",), 512, args.windows)["bbc"]
+    windows = corpora.eval_windows(tokenizer, ("bbc",), 512, args.windows)["bbc"]
     labels = list(others)
     head = "| layer | module | semi-NMF error | SVD floor | iterations | fit s |"
     head += "".join(f" kept in {label}: median / min / act. change |" for label in labels)

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rankwise.io import load_compressed
-from rankwise.layers import LowRankLinear
-from rankwise.models import load_model
-from rankwise.speed import vocab_size
+from rankwise.evaluation.speed import vocab_size
+from rankwise.model.layers import LowRankLinear
+from rankwise.storage.saved import load_compressed
+from rankwise.storage.sources import load_model
 
 RESULTS = Path(__file__).parent / "results"
 

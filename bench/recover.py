@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from rankwise import data, evaluate
-from rankwise.io import load_compressed, save_compressed
-from rankwise.models import load_model
-from rankwise.recipe import RecoverConfig
-from rankwise.recover import recover
-from rankwise.recovery import saved_recipe
+from rankwise.cli.recover import saved_recipe
+from rankwise.core.recipe import RecoverConfig
+from rankwise.data import corpora
+from rankwise.evaluation import perplexity as evaluate
+from rankwise.recovery.distill import recover
+from rankwise.storage.saved import load_compressed, save_compressed
+from rankwise.storage.sources import load_model
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -108,7 +109,7 @@ def main() -> None:
     settings: RecoverConfig = recipe.recover
     teacher = load_model(recipe.model)
     tokenizer = student.tokenizer
-    full = data.eval_windows(tokenizer, data.EVAL_STREAMS, count=args.windows)
+    full = corpora.eval_windows(tokenizer, corpora.EVAL_STREAMS, count=args.windows)
     short = {s: w[: args.curve_windows] for s, w in full.items()}
     if args.before:
         before = {k: float(v) for k, v in (kv.split("=") for kv in args.before.split(","))}
@@ -124,7 +125,7 @@ def main() -> None:
             )
             print(curve[-1], flush=True)
 
-    train = data.calibration_windows(tokenizer, recipe.calib, settings.windows, settings.seq_len)
+    train = corpora.calibration_windows(tokenizer, recipe.calib, settings.windows, settings.seq_len)
     log = recover(student.model, teacher.model, train, settings, on_step=on_step)
     after = perplexities(student.model, full)
     print("after", after, flush=True)

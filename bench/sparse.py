@@ -47,7 +47,7 @@ def time_model(path: str, prompt: int = 512, decode: int = 32, repeats: int = 5)
     import torch
 
     import rankwise
-    from rankwise.models import load_model
+    from rankwise.storage.sources import load_model
 
     model = load_model(path).model if not Path(path).is_dir() else rankwise.load(path)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.manual_seed(0))

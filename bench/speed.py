@@ -21,7 +21,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
-from rankwise.speed import speed_table  # noqa: E402
+from rankwise.evaluation.speed import speed_table  # noqa: E402
 
 
 def run_one(model: str, policy: str, vs: str, repeats: int, threads: int, extra: list[str]) -> dict:

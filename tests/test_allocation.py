@@ -7,11 +7,12 @@ import torch
 from conftest import make_model, make_windows, spy_compressed
 
 import rankwise
-from rankwise.allocate import LayerShape, allocate_importance, targeted_params
-from rankwise.calibrate import Statistics
-from rankwise.errors import RatioError
-from rankwise.layers import LowRankLinear
-from rankwise.recipe import LayerOverride, Recipe
+from rankwise.allocation.budget import allocate_importance, targeted_params
+from rankwise.calibration.statistics import Statistics
+from rankwise.core.errors import RatioError
+from rankwise.core.recipe import LayerOverride, Recipe
+from rankwise.model.accounting import LayerShape
+from rankwise.model.layers import LowRankLinear
 
 # Large enough that one rank step is well under 0.5% of the budget.
 SHAPES = [
@@ -116,9 +117,9 @@ def test_second_round_weighs_layers_by_the_compressed_models_fisher(
 ) -> None:
     """Round 2 measures the output Fisher on the model round 1 compressed (factors in place),
     re-allocates, and compresses again from the dense weights, within the same budget."""
-    import rankwise.plan as plan
+    import rankwise.allocation.plan as plan
 
-    seen = spy_compressed(monkeypatch, plan.calibrate, "collect_output_fisher")
+    seen = spy_compressed(monkeypatch, plan.statistics, "collect_output_fisher")
     model = make_model("llama")
     result = importance_run(model, importance_rounds=2, sequential=sequential)
     assert seen[-1] is True  # the last Fisher was measured on a compressed model

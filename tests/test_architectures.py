@@ -17,10 +17,12 @@ from test_stats import reference_fisher
 from torch import nn
 
 import rankwise
-from rankwise.calibrate import collect_fisher, collect_grams, collect_grams_whole
-from rankwise.compress import compress
-from rankwise.models import BLOCK_LINEARS, find_targets, linear_weight, model_class_for
-from rankwise.recipe import Recipe
+from rankwise.calibration.statistics import collect_fisher, collect_grams, collect_grams_whole
+from rankwise.core.recipe import Recipe
+from rankwise.model.loading import model_class_for
+from rankwise.model.modules import linear_weight
+from rankwise.model.targets import BLOCK_LINEARS, find_targets
+from rankwise.pipeline.compress import compress
 
 _SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
 

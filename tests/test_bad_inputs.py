@@ -1,8 +1,8 @@
 """The probe suite: what users actually feed the CLI, each case ending in one line, exit 2, and
 nothing written (docs/guarantees.md lists what is checked when). Internal bugs keep a traceback.
 
-Run in-process through `rankwise.cli.main` (the same error path as the installed command, without
-a subprocess's start-up per case); test_cli.py runs a few of the same cases as subprocesses.
+Run in-process through `rankwise.cli.app.main` (the same error path as the installed command,
+without a subprocess's start-up per case); test_cli.py runs a few of the same cases as subprocesses.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch
 from conftest import make_model, make_windows, model_output, word_text, word_tokenizer
 
 import rankwise
-import rankwise.commands
-from rankwise.cli import main
-from rankwise.errors import CalibrationError, ModelNotFoundError, OutputNotWritableError
-from rankwise.recipe import Recipe
+import rankwise.cli.commands
+from rankwise.cli.app import main
+from rankwise.core.errors import CalibrationError, ModelNotFoundError, OutputNotWritableError
+from rankwise.core.recipe import Recipe
 
 
 def run_cli(
@@ -147,7 +147,7 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the options were checked")
 
-    monkeypatch.setattr(rankwise.commands, "load_model", refuse)
+    monkeypatch.setattr(rankwise.cli.commands, "load_model", refuse)
 
 
 def test_an_unknown_method(in_tmp: Path, no_loading: None, monkeypatch, capsys) -> None:
@@ -228,12 +228,12 @@ def test_an_existing_output(dense_dir: Path, in_tmp: Path, monkeypatch, capsys) 
 def test_a_disk_that_fills_up_during_save(
     dense_dir: Path, in_tmp: Path, monkeypatch, capsys
 ) -> None:
-    import rankwise.io
+    import rankwise.storage.saved
 
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(rankwise.io, "save_file", full)
+    monkeypatch.setattr(rankwise.storage.saved, "save_file", full)
     code, lines = run_cli(compress_args(dense_dir), monkeypatch, capsys)
     line = one_error(lines)
     assert code == 2 and "disk filled up" in line and "nothing was written" in line
@@ -241,7 +241,7 @@ def test_a_disk_that_fills_up_during_save(
 
 
 def test_a_disk_full_error_from_safetensors_text_is_recognised(tmp_path: Path) -> None:
-    from rankwise.atomic import atomic_directory
+    from rankwise.core.atomic import atomic_directory
 
     with pytest.raises(OutputNotWritableError), atomic_directory(tmp_path / "m"):
         raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
@@ -257,7 +257,7 @@ def test_an_internal_bug_is_not_dressed_as_a_user_error(
     def broken(*args: object, **kwargs: object) -> None:
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(rankwise.commands, "compress", broken)
+    monkeypatch.setattr(rankwise.cli.commands, "compress", broken)
     monkeypatch.setattr(sys, "argv", ["rankwise", *compress_args(dense_dir)])
     with pytest.raises(ZeroDivisionError):
         main()  # the installed command then exits 1 with the traceback
@@ -268,7 +268,7 @@ def test_an_internal_bug_is_not_dressed_as_a_user_error(
 
 
 def test_the_api_reads_calibration_files_with_the_same_checks(tmp_path: Path) -> None:
-    from rankwise.data import read_user_text
+    from rankwise.data.corpora import read_user_text
 
     (tmp_path / "noise.txt").write_bytes(bytes(range(128, 256)) * 4)
     with pytest.raises(CalibrationError, match="not UTF-8"):

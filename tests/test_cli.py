@@ -13,10 +13,10 @@ import torch
 from conftest import make_model, model_output, saved_targets, word_text, word_tokenizer
 
 import rankwise
-from rankwise.cli import _split
-from rankwise.errors import RatioError, RecipeError
-from rankwise.layers import LowRankLinear
-from rankwise.recipe import LayerOverride, Recipe
+from rankwise.cli.app import _split
+from rankwise.core.errors import RatioError, RecipeError
+from rankwise.core.recipe import LayerOverride, Recipe
+from rankwise.model.layers import LowRankLinear
 
 
 def cli(

@@ -22,11 +22,11 @@ from conftest import (
 from torch import nn
 
 import rankwise
-from rankwise.allocate import LayerShape, allocate_uniform, targeted_params, uniform_rank
-from rankwise.compress import count_parameters
-from rankwise.errors import RankwiseError
-from rankwise.layers import LowRankLinear
-from rankwise.recipe import LayerOverride, Recipe
+from rankwise.allocation.budget import allocate_uniform, targeted_params, uniform_rank
+from rankwise.core.errors import RankwiseError
+from rankwise.core.recipe import LayerOverride, Recipe
+from rankwise.model.accounting import LayerShape, count_parameters
+from rankwise.model.layers import LowRankLinear
 
 CASES = [(family, method) for family in FAMILIES for method in ("svd", "whiten", "sparse")] + [
     (family, "fwsvd") for family in CAUSAL
@@ -271,7 +271,9 @@ def test_fwsvd_on_encoder_raises_and_leaves_model_alone() -> None:
 def test_svd_needs_no_calibration() -> None:
     """Data-free: no tokenizer and no windows are needed."""
     model = make_model("llama")
-    result = rankwise.compress(model, Recipe(allocation="uniform", method="svd", ratio=0.3))
+    result = rankwise.compress(
+        model, Recipe(allocation="uniform", method="svd", ratio=0.3)
+    )
     assert all(layer.rank is not None for layer in result.layers)
 
 
@@ -462,7 +464,7 @@ def test_a_one_pass_importance_run_gathers_output_grams_unless_a_file_is_written
     """All statistics first (importance needs every spectrum): whiten's narrow targets take
     the gram of their outputs there too, except when the statistics go to a file, which keeps
     input grams for any method that reads it later."""
-    from rankwise import calibrate
+    from rankwise.calibration import statistics as calibrate
 
     flags: list[bool] = []
     real = calibrate.collect_grams

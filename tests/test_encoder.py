@@ -13,7 +13,8 @@ from conftest import VOCAB, make_model, make_windows, model_output, word_text
 from test_cli import cli
 
 import rankwise
-from rankwise.encoder import (
+from rankwise.core.recipe import Recipe
+from rankwise.evaluation.encoder import (
     EncoderTexts,
     encoder_figures,
     is_encoder,
@@ -21,8 +22,7 @@ from rankwise.encoder import (
     mean_pool,
     sentence_embeddings,
 )
-from rankwise.layers import LowRankLinear
-from rankwise.recipe import Recipe
+from rankwise.model.layers import LowRankLinear
 
 
 def pad_tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -168,7 +168,7 @@ def test_cli_compress_encoder_with_eval(tmp_path: Path) -> None:
 )
 def test_minilm_keeps_its_embeddings(tmp_path: Path) -> None:
     """The real encoder at 0.2 removed: sentence embeddings stay close to the original's."""
-    from rankwise.encoder import held_out_sentences, mean_cosine
+    from rankwise.evaluation.encoder import held_out_sentences, mean_cosine
 
     dense = rankwise.load_model("minilm")
     recipe = Recipe(model="minilm", method="whiten", ratio=0.2, samples=16, seq_len=128)

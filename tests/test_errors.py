@@ -1,4 +1,4 @@
-"""Every bad input gets its named error class from rankwise.errors, and nothing is written."""
+"""Every bad input gets its named error class from rankwise.core.errors, and nothing is written."""
 
 from __future__ import annotations
 
@@ -22,10 +22,9 @@ from pydantic import ValidationError
 from torch import nn
 
 import rankwise
-from rankwise.allocate import LayerShape, allocate_uniform
-from rankwise.calibrate import collect
-from rankwise.data import read_user_text, token_windows
-from rankwise.errors import (
+from rankwise.allocation.budget import allocate_uniform
+from rankwise.calibration.statistics import collect
+from rankwise.core.errors import (
     CalibrationError,
     ModelNotFoundError,
     NonFiniteWeightsError,
@@ -36,9 +35,11 @@ from rankwise.errors import (
     RecipeError,
     UnsupportedArchitectureError,
 )
-from rankwise.layers import LowRankLinear
-from rankwise.models import find_targets
-from rankwise.recipe import LayerOverride, Recipe
+from rankwise.core.recipe import LayerOverride, Recipe
+from rankwise.data.corpora import read_user_text, token_windows
+from rankwise.model.accounting import LayerShape
+from rankwise.model.layers import LowRankLinear
+from rankwise.model.targets import find_targets
 
 IDS = make_windows(2, 10, seed=3)
 BAD_RATIOS = [0.0, 1.0, 1.5, -0.1, math.nan, math.inf]
@@ -157,7 +158,7 @@ XGLM_TARGETS = [r"layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)$"]
 
 def test_unsupported_architecture_names_it_and_suggests_targets() -> None:
     model = xglm_model()
-    assert model.config.model_type not in rankwise.models.BLOCK_LINEARS
+    assert model.config.model_type not in rankwise.model.targets.BLOCK_LINEARS
     before = model_output(model, IDS)
     with pytest.raises(UnsupportedArchitectureError) as info:
         rankwise.compress(model, Recipe(allocation="uniform", method="svd"))
@@ -396,7 +397,8 @@ def test_output_where_access_is_denied(tmp_path: Path, monkeypatch: pytest.Monke
     denied.mkdir()
     real_access = os.access
     monkeypatch.setattr(
-        "rankwise.io.os.access", lambda path, mode: Path(path) != denied and real_access(path, mode)
+        "rankwise.storage.saved.os.access",
+        lambda path, mode: Path(path) != denied and real_access(path, mode),
     )
     for out in (denied / "out", denied / "a" / "b" / "out"):
         with pytest.raises(OutputNotWritableError, match="cannot write"):

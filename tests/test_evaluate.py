@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import CAUSAL, make_model, make_windows
 
-from rankwise import evaluate
-from rankwise.report import fmt_ppl, human_bytes, layer_table, summary_table
+from rankwise.evaluation import perplexity as evaluate
+from rankwise.report.tables import fmt_ppl, human_bytes, layer_table, summary_table
 
 
 def manual_perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:

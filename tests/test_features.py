@@ -11,8 +11,7 @@ from conftest import make_model, make_windows, word_text, word_tokenizer
 from test_cli import cli, error_lines
 
 import rankwise
-from rankwise.errors import UnsupportedArchitectureError
-from rankwise.features import (
+from rankwise.analysis.features import (
     FeatureOptions,
     activation_module,
     analyse,
@@ -21,14 +20,15 @@ from rankwise.features import (
     kept_correlations,
     token_contexts,
 )
-from rankwise.recipe import Recipe
-from rankwise.seminmf import (
+from rankwise.analysis.seminmf import (
     FeatureError,
     fit_coefficients,
     least_squares_features,
     semi_nmf,
     svd_relative_error,
 )
+from rankwise.core.errors import UnsupportedArchitectureError
+from rankwise.core.recipe import Recipe
 
 
 def planted_clusters(tokens: int = 300, k: int = 4, width: int = 40) -> tuple[torch.Tensor, ...]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankwise.errors import RecipeError
-from rankwise.hardware import CpuFacts, choose_dtype, resolve_dtypes
-from rankwise.recipe import Recipe
+from rankwise.core.errors import RecipeError
+from rankwise.core.hardware import CpuFacts, choose_dtype, resolve_dtypes
+from rankwise.core.recipe import Recipe
 
 SAPPHIRE_RAPIDS = CpuFacts("AVX512", avx512_bf16=True, amx_bf16=True, onednn_max_isa=None)
 ICE_LAKE = CpuFacts("AVX512", avx512_bf16=False, amx_bf16=False, onednn_max_isa=None)

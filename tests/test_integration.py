@@ -18,9 +18,10 @@ import pytest
 import torch
 
 import rankwise
-from rankwise import data, evaluate
-from rankwise.compress import count_parameters
-from rankwise.layers import LowRankLinear
+from rankwise.data import corpora
+from rankwise.evaluation import perplexity as evaluate
+from rankwise.model.accounting import count_parameters
+from rankwise.model.layers import LowRankLinear
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +38,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     loaded = rankwise.load_model("default")
     tokenizer = loaded.tokenizer
     assert tokenizer is not None
-    windows = data.eval_windows(tokenizer, ("bbc",), seq_len=512, count=2)["bbc"]
+    windows = corpora.eval_windows(tokenizer, ("bbc",), seq_len=512, count=2)["bbc"]
     ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
     dense_params = count_parameters(loaded.model)
     dense_ppl = evaluate.perplexity(loaded.model, windows).perplexity
@@ -86,8 +87,8 @@ def test_saved_model_loads_in_a_separate_process(run: dict, tmp_path: Path) -> N
         f"""
         import torch
         import rankwise
-        from rankwise.compress import count_parameters
-        from rankwise.layers import LowRankLinear
+        from rankwise.model.accounting import count_parameters
+        from rankwise.model.layers import LowRankLinear
 
         expected = torch.load({str(expected)!r}, weights_only=True)
         model = rankwise.load({str(run["out"])!r}, merge_policy="never")
@@ -163,7 +164,7 @@ def test_importance_allocation_beats_uniform_on_the_real_model(tmp_path: Path) -
     perplexity = {}
     for allocation in ("uniform", "importance"):
         loaded = rankwise.load_model("default")
-        windows = data.eval_windows(loaded.tokenizer, ("bbc",), seq_len=512, count=2)["bbc"]
+        windows = corpora.eval_windows(loaded.tokenizer, ("bbc",), seq_len=512, count=2)["bbc"]
         recipe = rankwise.Recipe(**base, allocation=allocation, importance_samples=8)
         result = rankwise.compress(loaded.model, recipe, tokenizer=loaded.tokenizer)
         assert 0.4 <= result.targeted_ratio <= 0.403
@@ -174,11 +175,11 @@ def test_importance_allocation_beats_uniform_on_the_real_model(tmp_path: Path) -
 def test_recovery_moves_the_real_model_toward_the_teacher(run: dict) -> None:
     """A few distillation steps on calibration text lower the KL to the dense model on
     held-out text (the saved whiten 0.2 model as the student)."""
-    from rankwise.recover import distill_loss
+    from rankwise.recovery.distill import distill_loss
 
     teacher = rankwise.load_model("default").model
     student = rankwise.load_model(str(run["out"])).model  # as stored: factorized
-    train = data.calibration_windows(run["tokenizer"], "bbc", 8, 128)
+    train = corpora.calibration_windows(run["tokenizer"], "bbc", 8, 128)
     held_out = run["windows"][:, :256]
 
     def kl() -> float:
@@ -195,7 +196,7 @@ def test_recovery_moves_the_real_model_toward_the_teacher(run: dict) -> None:
 def test_lm_eval_hflm_takes_the_loaded_model(run: dict) -> None:
     """lm-eval's HFLM on the model `rankwise.load` returns, on rankwise's offline task."""
     pytest.importorskip("lm_eval")
-    from rankwise.harness import run_tasks
+    from rankwise.evaluation.harness import run_tasks
 
     loaded = rankwise.load_model(str(run["out"]))
     results = run_tasks(
@@ -207,7 +208,7 @@ def test_lm_eval_hflm_takes_the_loaded_model(run: dict) -> None:
 def test_features_of_the_real_model_read_as_text_and_survive_compression(run: dict) -> None:
     """Semi-NMF of a late MLP on held-out BBC text: features read as tokens in context, and
     the whiten 0.2 model keeps most of each (correlation of coefficients)."""
-    from rankwise.features import FeatureOptions, analyse
+    from rankwise.analysis.features import FeatureOptions, analyse
 
     dense = rankwise.load_model("default").model
     options = FeatureOptions(layer=27, features=8)

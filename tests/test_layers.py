@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from rankwise.layers import LowRankLinear, saves_parameters
+from rankwise.model.layers import LowRankLinear, saves_parameters
 
 
 def factors(out_f: int = 12, in_f: int = 20, rank: int = 5, seed: int = 0):

@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankwise.compress import relative_error
-from rankwise.errors import CalibrationError, RankwiseError
+from rankwise.core.errors import CalibrationError, RankwiseError
 from rankwise.methods import REGISTRY, LayerStats, MethodOptions, get_method
 from rankwise.methods.base import split_singular, takes_output_grams
 from rankwise.methods.whiten import whitening_basis
+from rankwise.pipeline.compress import relative_error
 
 METHODS = sorted(REGISTRY)
 OUT, IN, TOKENS = 24, 32, 200

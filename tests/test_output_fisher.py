@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import make_model, make_windows
 
-from rankwise import output_fisher
-from rankwise.calibrate import collect_output_fisher
-from rankwise.lm_loss import final_head, reproduces_loss, sliced_loss
-from rankwise.models import find_targets
+from rankwise.calibration import fisher
+from rankwise.calibration.fisher import collect_output_fisher
+from rankwise.calibration.lm_loss import final_head, reproduces_loss, sliced_loss
+from rankwise.model.targets import find_targets
 
 
 def reference_output_fisher(model: torch.nn.Module, names: list[str], windows: torch.Tensor):
@@ -45,14 +45,14 @@ def assert_matches_reference(model: torch.nn.Module, names: list[str], batch_siz
 
 
 def pass_kind(model: torch.nn.Module, names: list[str]) -> type:
-    return type(output_fisher._backward_pass(model, names, make_windows(2, 12), 1, torch.float32))
+    return type(fisher._backward_pass(model, names, make_windows(2, 12), 1, torch.float32))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
 def test_output_fisher_block_by_block_is_mean_squared_output_gradient(family: str) -> None:
     model = make_model(family)
     names = find_targets(model)
-    assert pass_kind(model, names) is output_fisher._BlockByBlock
+    assert pass_kind(model, names) is fisher._BlockByBlock
     assert_matches_reference(model, names)
     assert all(p.requires_grad for p in model.parameters())  # a private frozen copy was used
 
@@ -71,7 +71,7 @@ def test_output_fisher_of_late_targets_stops_the_backward_at_their_block() -> No
 def test_soft_capped_logits_are_rebuilt_by_the_head() -> None:
     model = make_model("gemma3", final_logit_softcapping=0.05)
     names = find_targets(model)
-    assert pass_kind(model, names) is output_fisher._BlockByBlock
+    assert pass_kind(model, names) is fisher._BlockByBlock
     assert_matches_reference(model, names)
 
 
@@ -81,7 +81,7 @@ def test_logits_the_head_cannot_rebuild_take_the_whole_model() -> None:
     model = make_model("llama")
     model.config.final_logit_softcapping = 0.05
     names = find_targets(model)
-    assert pass_kind(model, names) is output_fisher.WholeModelBackward
+    assert pass_kind(model, names) is fisher.WholeModelBackward
     assert_matches_reference(model, names)
 
 
@@ -89,7 +89,7 @@ def test_targets_outside_the_blocks_take_the_whole_model() -> None:
     model = make_model("llama")
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie
     names = ["lm_head", "model.layers.0.mlp.down_proj"]
-    assert pass_kind(model, names) is output_fisher.WholeModelBackward
+    assert pass_kind(model, names) is fisher.WholeModelBackward
     assert_matches_reference(model, names)
 
 
@@ -98,7 +98,7 @@ def test_targets_outside_the_blocks_take_the_whole_model() -> None:
 def test_sliced_loss_and_gradient_equal_the_models(family: str, windows: int) -> None:
     model = make_model(family)
     tokens = make_windows(windows, 200)[:, : 64 if family == "gpt2" else 200]
-    _, blocks = output_fisher.find_blocks(model, find_targets(model))
+    _, blocks = fisher.find_blocks(model, find_targets(model))
     last: list[torch.Tensor] = []
     blocks[-1].register_forward_hook(
         lambda m, a, out: last.append(out[0] if isinstance(out, tuple) else out)
@@ -115,7 +115,7 @@ def test_sliced_loss_and_gradient_equal_the_models(family: str, windows: int) ->
 
 def test_the_rebuilt_head_reproduces_plain_models_and_detects_unknown_logit_changes() -> None:
     model = make_model("llama")
-    _, blocks = output_fisher.find_blocks(model, find_targets(model))
+    _, blocks = fisher.find_blocks(model, find_targets(model))
     tokens = make_windows(1, 16)
     assert reproduces_loss(model, blocks[-1], final_head(model), tokens)
     model.config.final_logit_softcapping = 0.05  # the head applies it, the model does not

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import time
 
-from rankwise.progress import PlainReporter, RichReporter, cli_reporter
+from rankwise.core.progress import PlainReporter, RichReporter, cli_reporter
 
 
 def test_plain_lines_say_start_items_and_end() -> None:

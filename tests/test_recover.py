@@ -10,12 +10,11 @@ import torch
 from conftest import clone, make_model, make_windows, model_output
 
 import rankwise
-from rankwise.checkpoint import Checkpoints
-from rankwise.errors import CalibrationError, RankwiseError
-from rankwise.layers import LowRankLinear
-from rankwise.recipe import Recipe
-from rankwise.recover import (
-    RecoverConfig,
+from rankwise.core.errors import CalibrationError, RankwiseError
+from rankwise.core.recipe import Recipe, RecoverConfig
+from rankwise.model.layers import LowRankLinear
+from rankwise.recovery.checkpoint import Checkpoints
+from rankwise.recovery.distill import (
     batch_indices,
     distill_loss,
     learning_rate,
@@ -143,7 +142,9 @@ def test_checkpoint_from_another_run_is_refused(tmp_path: Path) -> None:
 def test_saved_recovered_model_matches_the_trained_one(tmp_path: Path) -> None:
     teacher = make_model("llama")
     student = clone(teacher)
-    result = rankwise.compress(student, Recipe(method="svd", ratio=0.5, allocation="uniform"))
+    result = rankwise.compress(
+        student, Recipe(method="svd", ratio=0.5, allocation="uniform")
+    )
     recover(student, teacher, make_windows(count=4, seq_len=16), config(steps=4))
     rankwise.save(result, str(tmp_path / "out"))
     loaded = rankwise.load(tmp_path / "out")
@@ -206,7 +207,7 @@ def test_cli_recover_refuses_a_plain_directory(tmp_path: Path) -> None:
 
 
 def test_top_k_kl_with_the_whole_vocabulary_is_the_full_kl() -> None:
-    from rankwise.teacher import top_k_kl, top_k_targets
+    from rankwise.recovery.teacher import top_k_kl, top_k_targets
 
     gen = torch.Generator().manual_seed(0)
     teacher, student = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen)
@@ -235,7 +236,7 @@ def test_recovery_from_cached_teacher_top_k(tmp_path: Path) -> None:
 
 
 def test_recovery_trains_the_sparse_values_too(tmp_path: Path) -> None:
-    from rankwise.layers import SparseLowRankLinear
+    from rankwise.model.layers import SparseLowRankLinear
 
     teacher = make_model("llama")
     student = clone(teacher)

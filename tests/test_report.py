@@ -16,12 +16,12 @@ from conftest import make_model
 from test_cli import cli, error_lines
 
 import rankwise
-from rankwise.commands import run_report
-from rankwise.errors import ModelNotFoundError, OutputExistsError, RankwiseError
-from rankwise.html_report import read_runs
-from rankwise.plots import kept_grid
-from rankwise.recipe import LayerOverride, Recipe
-from rankwise.spectra import factor_spectrum
+from rankwise.cli.commands import run_report
+from rankwise.core.errors import ModelNotFoundError, OutputExistsError, RankwiseError
+from rankwise.core.recipe import LayerOverride, Recipe
+from rankwise.report.html import read_runs
+from rankwise.report.plots import kept_grid
+from rankwise.report.spectra import factor_spectrum
 
 
 class _Images(HTMLParser):
@@ -213,7 +213,7 @@ def test_compress_eval_stores_figures_for_the_report(tmp_path: Path) -> None:
     """`compress --eval` keeps its perplexities in DIR/eval.json; the report shows them."""
     from conftest import word_tokenizer
 
-    from rankwise.commands import run_compress
+    from rankwise.cli.commands import run_compress
 
     model = make_model("llama", max_position_embeddings=600)
     model.save_pretrained(tmp_path / "dense")
@@ -233,7 +233,9 @@ def test_eval_windows_measures_without_writing_into_the_directory(tmp_path: Path
     from conftest import word_tokenizer
 
     model = make_model("llama", max_position_embeddings=600)
-    result = rankwise.compress(model, Recipe(method="svd", ratio=0.4, allocation="uniform"))
+    result = rankwise.compress(
+        model, Recipe(method="svd", ratio=0.4, allocation="uniform")
+    )
     small = Path(rankwise.save(result, str(tmp_path / "small"), tokenizer=word_tokenizer()))
     before = sorted(p.name for p in small.iterdir())
     index = run_report([small], tmp_path / "r", eval_windows=1)

@@ -9,11 +9,12 @@ import torch
 from conftest import make_model, make_windows, spy_compressed
 
 import rankwise
-from rankwise.layers import factored_layer
+from rankwise.allocation.sensitivity import TailLoss, calibrated_gains, single_layer_losses
+from rankwise.core.recipe import Recipe
 from rankwise.methods import MethodOptions, get_method
-from rankwise.models import find_targets, linear_weight, set_module
-from rankwise.recipe import Recipe
-from rankwise.sensitivity import TailLoss, calibrated_gains, single_layer_losses
+from rankwise.model.layers import factored_layer
+from rankwise.model.modules import linear_weight, set_module
+from rankwise.model.targets import find_targets
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "gpt2"])
@@ -42,7 +43,9 @@ def test_single_layer_loss_is_measured_with_that_layer_alone_truncated(method: s
     found = measure()
     assert set(found) == set(names) and all(rank == 4 for rank, _ in found.values())
     # the same truncation by hand: the method's factors of the dense grams, others dense
-    stats = rankwise.calibrate.collect(model, names, windows, frozenset({"input_gram"}))
+    stats = rankwise.calibration.statistics.collect(
+        model, names, windows, frozenset({"input_gram"})
+    )
     factors = get_method(method).factorize(
         linear_weight(model.get_submodule(name)), stats.layers[name], 4, MethodOptions()
     )
@@ -80,12 +83,14 @@ def test_a_layer_measured_worse_than_estimated_gets_more_rank(
 ) -> None:
     """The planned ranks are corrected by the measurement: a layer whose truncation costs far
     more than its estimate keeps more rank, within the same budget."""
-    import rankwise.plan as plan
+    import rankwise.allocation.plan as plan
 
     model = make_model("llama")
     recipe = {"calib_dtype": "float32", "allocation": "importance", "ratio": 0.5}
     windows = make_windows(8, 16)
-    before = rankwise.compress(copy.deepcopy(model), Recipe(**recipe), windows=windows).ranks
+    before = rankwise.compress(
+        copy.deepcopy(model), Recipe(**recipe), windows=windows
+    ).ranks
     hurt = "model.layers.1.self_attn.o_proj"
     real = plan.sensitivity.single_layer_losses
 
@@ -95,7 +100,9 @@ def test_a_layer_measured_worse_than_estimated_gets_more_rank(
         return {**found, hurt: (rank, abs(loss) * 1e3 + 10.0)}
 
     monkeypatch.setattr(plan.sensitivity, "single_layer_losses", inflated)
-    result = rankwise.compress(model, Recipe(**recipe, importance_measure=1), windows=windows)
+    result = rankwise.compress(
+        model, Recipe(**recipe, importance_measure=1), windows=windows
+    )
     assert 0.5 <= result.targeted_ratio <= 0.505
     after = result.ranks
     assert after[hurt] is None or before[hurt] is not None and after[hurt] > before[hurt]
@@ -105,7 +112,7 @@ def test_a_layer_measured_worse_than_estimated_gets_more_rank(
 def test_measurement_runs_on_the_dense_model_in_the_last_round(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import rankwise.plan as plan
+    import rankwise.allocation.plan as plan
 
     seen = spy_compressed(monkeypatch, plan.sensitivity, "single_layer_losses")
     recipe = Recipe(calib_dtype="float32", ratio=0.5, importance_rounds=2, importance_measure=2)

@@ -15,13 +15,13 @@ from safetensors import safe_open
 from torch import nn
 
 import rankwise
-from rankwise.allocate import LayerShape, allocate_importance
-from rankwise.compress import count_parameters
-from rankwise.csr import CSR, csr_params, index_dtype, index_params, max_nnz
-from rankwise.layers import LowRankLinear, SparseLowRankLinear
+from rankwise.allocation.budget import allocate_importance
+from rankwise.core.recipe import Recipe
 from rankwise.methods import LayerStats, MethodOptions, get_method
 from rankwise.methods.sparse import curve_ranks, scaled_spectrum, split_budget
-from rankwise.recipe import Recipe
+from rankwise.model.accounting import LayerShape, count_parameters
+from rankwise.model.csr import CSR, csr_params, index_dtype, index_params, max_nnz
+from rankwise.model.layers import LowRankLinear, SparseLowRankLinear
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
 
@@ -298,7 +298,9 @@ def test_sparse_compresses_with_bfloat16_calibration(sequential: bool) -> None:
         sequential=sequential,
         allocation="uniform",
     )
-    result = rankwise.compress(with_outliers(make_model("llama")), recipe, windows=make_windows())
+    result = rankwise.compress(
+        with_outliers(make_model("llama")), recipe, windows=make_windows()
+    )
     assert any(layer.nnz > 0 for layer in result.layers)
     assert 0.4 <= result.targeted_ratio
 

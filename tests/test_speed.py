@@ -12,9 +12,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 import rankwise
-from rankwise.cli import app
-from rankwise.layers import LowRankLinear, SparseLowRankLinear
-from rankwise.policy import (
+from rankwise.cli.app import app
+from rankwise.core.recipe import Recipe
+from rankwise.evaluation.speed import WORKLOADS, BenchError, Workload, round_order, workload_macs
+from rankwise.model.layers import LowRankLinear, SparseLowRankLinear
+from rankwise.storage.merge import (
     CostTable,
     MergePolicyError,
     ShapeCosts,
@@ -27,8 +29,6 @@ from rankwise.policy import (
     plan_merges,
     sparse_costs,
 )
-from rankwise.recipe import Recipe
-from rankwise.speed import WORKLOADS, BenchError, Workload, round_order, workload_macs
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
 
@@ -202,7 +202,7 @@ def test_the_merge_decision_is_made_once_at_save_and_every_load_is_the_same(
     network, however often (the decision taken at save time is stored, not re-timed)."""
     import random
 
-    import rankwise.policy as policy
+    import rankwise.storage.merge as policy
 
     coin = random.Random(0)
 

@@ -10,11 +10,11 @@ import torch
 from conftest import make_model, make_windows
 from torch import nn
 
-from rankwise import staged
-from rankwise.blockwise import BlockInputs, capture_inputs, find_blocks, forward_all
-from rankwise.calibrate import GramCollector, narrow_targets
+from rankwise.calibration import staged
+from rankwise.calibration.blocks import BlockInputs, capture_inputs, find_blocks, forward_all
+from rankwise.calibration.statistics import GramCollector, narrow_targets
 from rankwise.methods import LayerStats
-from rankwise.models import find_targets
+from rankwise.model.targets import find_targets
 
 
 def first_block(

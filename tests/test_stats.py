@@ -10,11 +10,12 @@ from conftest import clone, make_model, make_windows, model_output, word_text, w
 from safetensors.torch import save_file
 
 import rankwise
-from rankwise.calibrate import SPLIT_FROM, Statistics, add_gram, collect
-from rankwise.errors import RankwiseError
-from rankwise.memory import release_freed_memory
-from rankwise.models import cast_copy, find_targets, linear_weight
-from rankwise.recipe import Recipe
+from rankwise.calibration.statistics import SPLIT_FROM, Statistics, add_gram, collect
+from rankwise.core.errors import RankwiseError
+from rankwise.core.recipe import Recipe
+from rankwise.model.memory import release_freed_memory
+from rankwise.model.modules import cast_copy, linear_weight
+from rankwise.model.targets import find_targets
 
 BOTH = frozenset({"input_gram", "fisher"})
 IDS = make_windows(2, 12, seed=7)
@@ -147,7 +148,9 @@ def test_fisher_is_summed_squared_gradient(family: str) -> None:
 
 def test_fisher_leaves_requires_grad_alone() -> None:
     model = make_model("llama")
-    rankwise.compress(model, Recipe(method="fwsvd", ratio=0.3, calib_dtype="float32"), windows=IDS)
+    rankwise.compress(
+        model, Recipe(method="fwsvd", ratio=0.3, calib_dtype="float32"), windows=IDS
+    )
     assert all(p.requires_grad for p in model.parameters())
 
 
@@ -165,7 +168,9 @@ def test_ratio_sweep_from_saved_statistics_equals_fresh_runs(method: str, tmp_pa
     assert first.recipe.stats == str(path)
     for ratio in (0.2, 0.5):
         # no windows and no tokenizer: only the saved statistics can make this work
-        reused = rankwise.compress(clone(base), Recipe(method=method, ratio=ratio, stats=str(path)))
+        reused = rankwise.compress(
+            clone(base), Recipe(method=method, ratio=ratio, stats=str(path))
+        )
         fresh = rankwise.compress(
             clone(base),
             Recipe(method=method, ratio=ratio, calib_dtype="float32", sequential=False),
@@ -222,7 +227,9 @@ def test_statistics_file_without_what_the_method_needs_calibrates_from_the_token
         calib_dtype="float32",
     )
     tokenizer = word_tokenizer()
-    rankwise.compress(make_model("llama"), Recipe(method="whiten", **common), tokenizer=tokenizer)
+    rankwise.compress(
+        make_model("llama"), Recipe(method="whiten", **common), tokenizer=tokenizer
+    )
     result = rankwise.compress(
         make_model("llama"), Recipe(method="fwsvd", **common), tokenizer=tokenizer
     )

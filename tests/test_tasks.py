@@ -13,9 +13,9 @@ from conftest import VOCAB, make_model, make_windows
 from test_cli import cli
 
 import rankwise
-from rankwise.errors import TaskError
-from rankwise.recipe import Recipe
-from rankwise.tasks import TASKS, include_path
+from rankwise.core.errors import TaskError
+from rankwise.core.recipe import Recipe
+from rankwise.evaluation.tasks import TASKS, include_path
 
 pytest.importorskip("lm_eval")
 needs_text = pytest.mark.skipif(
@@ -48,7 +48,7 @@ def tiny_dir(tmp_path: Path) -> Path:
 
 @needs_text
 def test_documents_split_and_mix() -> None:
-    from rankwise.tasks.docs import BBC_TOPICS, bbc_topic_docs, rt_sentiment_docs
+    from rankwise.evaluation.tasks.docs import BBC_TOPICS, bbc_topic_docs, rt_sentiment_docs
 
     rt = rt_sentiment_docs()
     assert 1000 < len(rt["test"]) < len(rt["train"])
@@ -68,7 +68,7 @@ def test_configs_load_in_lm_eval() -> None:
 
 
 def test_topic_choices_match_labels() -> None:
-    from rankwise.tasks.docs import BBC_TOPICS
+    from rankwise.evaluation.tasks.docs import BBC_TOPICS
 
     lines = (include_path() / "bbc_topic.yaml").read_text().splitlines()
     (choices,) = [
@@ -80,7 +80,7 @@ def test_topic_choices_match_labels() -> None:
 @needs_text
 def test_tasks_run_on_tiny_lm(tiny_dir: Path) -> None:
     """HFLM takes the model rankwise.load returns; every quick task yields its metric."""
-    from rankwise.harness import run_tasks
+    from rankwise.evaluation.harness import run_tasks
 
     model = rankwise.load(tiny_dir)
     results = run_tasks(model, eos_tokenizer(), QUICK, limit=3, bootstrap_iters=0)
@@ -92,14 +92,14 @@ def test_tasks_run_on_tiny_lm(tiny_dir: Path) -> None:
 
 
 def test_unknown_task_is_a_clear_error() -> None:
-    from rankwise.harness import task_manager
+    from rankwise.evaluation.harness import task_manager
 
     with pytest.raises(TaskError, match="unknown task 'nope'"):
         task_manager(["nope"], builtin=False)  # lm-eval's own index would take ~10 s
 
 
 def test_model_without_tokenizer_is_refused() -> None:
-    from rankwise.harness import run_tasks
+    from rankwise.evaluation.harness import run_tasks
 
     with pytest.raises(TaskError, match="tokenizer"):
         run_tasks(make_model("llama"), None, ["rt_sentiment"], limit=1)
@@ -135,7 +135,7 @@ def test_cli_tasks_prints_include_path(tmp_path: Path) -> None:
 
 
 def test_encoder_is_refused_with_a_pointer() -> None:
-    from rankwise.harness import run_tasks
+    from rankwise.evaluation.harness import run_tasks
 
     with pytest.raises(TaskError, match="encoder"):
         run_tasks(make_model("bert"), eos_tokenizer(), ["rt_sentiment"], limit=1)

@@ -10,11 +10,11 @@ import torch
 from conftest import clone, make_model, make_windows, model_output
 
 import rankwise
-from rankwise.errors import RatioError
-from rankwise.layers import LowRankLinear
-from rankwise.recipe import Recipe, RecoverConfig
-from rankwise.recovery import run_truncate
-from rankwise.truncate import product_svd, truncate_factors
+from rankwise.cli.recover import run_truncate
+from rankwise.core.errors import RatioError
+from rankwise.core.recipe import Recipe, RecoverConfig
+from rankwise.model.layers import LowRankLinear
+from rankwise.recovery.truncate import product_svd, truncate_factors
 
 
 def test_product_svd_equals_the_svd_of_the_product() -> None:
@@ -38,7 +38,9 @@ def test_truncation_error_grows_as_rank_shrinks() -> None:
 def test_recovered_model_truncates_to_the_new_ratio(tmp_path: Path) -> None:
     teacher = make_model("llama")
     student = clone(teacher)
-    result = rankwise.compress(student, Recipe(method="svd", ratio=0.3, allocation="uniform"))
+    result = rankwise.compress(
+        student, Recipe(method="svd", ratio=0.3, allocation="uniform")
+    )
     config = RecoverConfig(steps=3, lr=1e-3, batch_size=2, dtype="float32")
     rankwise.recover(student, teacher, make_windows(count=4, seq_len=16), config)
     rankwise.save(result, str(tmp_path / "rec"))
@@ -57,7 +59,9 @@ def test_recovered_model_truncates_to_the_new_ratio(tmp_path: Path) -> None:
 
 def test_truncating_to_a_lower_ratio_is_refused(tmp_path: Path) -> None:
     model = make_model("llama")
-    rankwise.save(rankwise.compress(model, Recipe(method="svd", ratio=0.5)), str(tmp_path / "a"))
+    rankwise.save(
+        rankwise.compress(model, Recipe(method="svd", ratio=0.5)), str(tmp_path / "a")
+    )
     with pytest.raises(RatioError, match="no more than"):
         run_truncate(tmp_path / "a", tmp_path / "b", 0.3)
     assert not (tmp_path / "b").exists()

@@ -10,15 +10,15 @@ model = rankwise.load("out")
 
 from __future__ import annotations
 
-from rankwise.compress import Compressed, compress
-from rankwise.errors import RankwiseError
-from rankwise.hardware import CpuFacts
-from rankwise.io import load, save_compressed
-from rankwise.layers import LowRankLinear
-from rankwise.models import load_model
-from rankwise.policy import merge_decision
-from rankwise.recipe import Recipe, RecoverConfig
-from rankwise.recover import recover
+from rankwise.core.errors import RankwiseError
+from rankwise.core.hardware import CpuFacts
+from rankwise.core.recipe import Recipe, RecoverConfig
+from rankwise.model.layers import LowRankLinear
+from rankwise.pipeline.compress import Compressed, compress
+from rankwise.recovery.distill import recover
+from rankwise.storage.merge import merge_decision
+from rankwise.storage.saved import load, save_compressed
+from rankwise.storage.sources import load_model
 
 __version__ = "0.1.0"
 

@@ -1,3 +1,3 @@
-from rankwise.cli import main
+from rankwise.cli.app import main
 
 main()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rankwise.errors import RankwiseError
+from rankwise.core.errors import RankwiseError
 from rankwise.methods.base import Factors, LayerStats, Method, MethodOptions
 from rankwise.methods.fwsvd import FWSVD
 from rankwise.methods.sparse import Sparse

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from rankwise.csr import CSR
+from rankwise.model.csr import CSR
 
 
 @dataclass

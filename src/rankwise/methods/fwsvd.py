@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from rankwise.errors import CalibrationError
+from rankwise.core.errors import CalibrationError
 from rankwise.methods.base import Factors, LayerStats, MethodOptions, split_singular
 
 

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
-from rankwise.allocate import LayerShape, rescale_tails
-from rankwise.csr import CSR, max_nnz, torch_csr
 from rankwise.methods.base import Factors, LayerStats, MethodOptions, split_singular
+from rankwise.methods.curves import rescale_tails
 from rankwise.methods.whiten import Whiten
+from rankwise.model.accounting import LayerShape
+from rankwise.model.csr import CSR, max_nnz, torch_csr
 
 # Reserved per sparse layer for the safetensors header entries of its three extra tensors
 # (~110 bytes each), so a sparse model's file is no larger than the pure low-rank one.

@@ -1,0 +1,3 @@
+"""Looking inside a model: semi-NMF features of MLP activations.
+
+Imports model, calibration, core."""

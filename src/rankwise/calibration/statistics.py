@@ -1,0 +1,387 @@
+"""Calibration statistics, gathered by hooks in one pass and kept per target.
+
+- `input_gram`: X^T X of the layer's input over all calibration tokens, accumulated in float64
+  (each batch's product in float32, summed into the float64 total).
+  Layers that share an input tensor (q/k/v, gate/up) share one gram, computed once.
+- `output_fisher`: mean squared gradient of the LM loss w.r.t. each target's output units
+  (batches of windows; no weight gradients): how much the loss feels an error in that output.
+- `fisher`: summed squared gradients of the LM loss w.r.t. each weight, one window at a time
+  (the empirical Fisher needs per-sample gradients, not the gradient of a batch).
+
+Statistics are plain tensors keyed by module name: saved as safetensors, reused across ratios.
+No activations are stored: memory is bounded by the grams.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rankwise.calibration.blocks import find_blocks, run_blocks, used_blocks
+from rankwise.calibration.fisher import WholeModelBackward, collect_output_fisher
+from rankwise.calibration.lm_loss import has_lm_head
+from rankwise.core.errors import CalibrationError, RankwiseError
+from rankwise.methods.base import LayerStats
+from rankwise.model.modules import cast_copy, is_conv1d, linear_weight
+
+Progress = Callable[[int], None]  # called with the number of windows just processed
+
+
+@dataclass
+class Statistics:
+    """Per-target calibration statistics, plus what produced them."""
+
+    layers: dict[str, LayerStats] = field(default_factory=dict)
+    meta: dict[str, object] = field(default_factory=dict)
+
+    def has(self, needs: Iterable[str], names: Iterable[str]) -> bool:
+        return all(
+            name in self.layers and getattr(self.layers[name], need) is not None
+            for name in names
+            for need in needs
+        )
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        index: dict[str, dict[str, object]] = {}
+        gram_keys: dict[int, str] = {}
+        for name, stats in self.layers.items():
+            entry: dict[str, object] = {"tokens": stats.tokens}
+            if stats.input_gram is not None:
+                key = gram_keys.setdefault(id(stats.input_gram), f"gram.{len(gram_keys)}")
+                tensors[key] = stats.input_gram.contiguous()
+                entry["input_gram"] = key
+            if stats.fisher is not None:
+                tensors[f"fisher.{name}"] = stats.fisher.contiguous()
+                entry["fisher"] = f"fisher.{name}"
+            if stats.output_fisher is not None:
+                tensors[f"output_fisher.{name}"] = stats.output_fisher.contiguous()
+                entry["output_fisher"] = f"output_fisher.{name}"
+            index[name] = entry
+        metadata = {"index": json.dumps(index), "meta": json.dumps(self.meta)}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Statistics:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise RankwiseError(f"statistics file not found: {path}")
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if "index" not in metadata:
+                raise RankwiseError(f"not a rankwise statistics file: {path}")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        layers = {}
+        for name, entry in json.loads(metadata["index"]).items():
+            layers[name] = LayerStats(
+                input_gram=tensors.get(entry.get("input_gram", "")),
+                tokens=int(entry["tokens"]),
+                fisher=tensors.get(entry.get("fisher", "")),
+                output_fisher=tensors.get(entry.get("output_fisher", "")),
+            )
+        return cls(layers, json.loads(metadata.get("meta", "{}")))
+
+
+# from this input width on, a gram is built from its blocks (narrower: one GEMM is as fast)
+SPLIT_FROM = 512
+
+
+def add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
+    """total (in, in) float64 += X^T X of a (tokens, in) matrix.
+
+    bfloat16 inputs (the default calibration dtype) are multiplied in bfloat16: the GEMM
+    accumulates in float32 and rounds each batch's product to bfloat16 once (2^-9 relative per
+    entry; the batches' roundings average out in the float64 total). On SmolLM2's grams that
+    changed the whitened truncation error by under 0.01% and halved the time of the float32
+    product (the four grams of a block: ~1.9 s -> ~1 s on 128 x 512 tokens). Other dtypes are
+    multiplied in float32, so float32 calibration stays exact.
+
+    X^T X is symmetric: wide inputs (>= SPLIT_FROM features) are split in two column halves, and
+    the two diagonal blocks and one off-diagonal block take 3/4 of the multiply-adds of the full
+    product. torch's GEMM, not BLAS syrk: scipy's OpenBLAS threads and torch's OpenMP threads
+    spin against each other between layers (measured 2x slower).
+    """
+    flat = x.detach()  # (tokens, in)
+    if flat.dtype != torch.bfloat16:
+        flat = flat.float()
+    width = flat.shape[1]
+    if width < SPLIT_FROM:
+        total += (flat.T @ flat).double()
+        return
+    half = width // 2
+    left, right = flat[:, :half], flat[:, half:]  # (tokens, half), (tokens, in - half)
+    total[:half, :half] += (left.T @ left).double()
+    total[half:, half:] += (right.T @ right).double()
+    cross = (left.T @ right).double()  # (half, in - half)
+    total[:half, half:] += cross
+    total[half:, :half] += cross.T
+
+
+class GramCollector:
+    """Forward pre-hooks that add each target's input gram; shared inputs counted once.
+
+    `root` is the module the `names` are relative to (one block, or a whole small model).
+    Targets in `narrow` (out < in, for a method that can factorize them from their outputs) get
+    the gram of their outputs instead, bias removed: Y^T Y = W X^T X W^T is all such a layer's
+    factors need, and it is (out, out) where the input gram is (in, in). For SmolLM2's MLP down
+    projection that is 576^2 multiply-adds per token instead of 1536^2, ~60% of the grams' time.
+    A narrow target whose input a sibling already has a gram of shares that gram instead.
+    """
+
+    def __init__(self, root: nn.Module, names: list[str], narrow: set[str] | None = None) -> None:
+        self.names = names
+        self.narrow = narrow or set()
+        self.owner: dict[str, str] = {}  # name -> the target whose statistics it shares
+        self.grams: dict[str, torch.Tensor] = {}  # owner -> (in, in) float64 input gram
+        self.output_grams: dict[str, torch.Tensor] = {}  # narrow owner -> (out, out) float64
+        self.tokens: dict[str, int] = {}  # owner -> tokens seen
+        # Recent inputs: q/k/v (gate/up) receive the same tensor object one after another.
+        self._seen: deque[tuple[torch.Tensor, str]] = deque(maxlen=8)
+        self._handles = [
+            root.get_submodule(name).register_forward_pre_hook(self._hook(name)) for name in names
+        ] + [
+            root.get_submodule(name).register_forward_hook(self._output_hook(name))
+            for name in names
+            if name in self.narrow
+        ]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            for seen, owner in self._seen:
+                if seen is x:  # same tensor as an earlier target: share its gram
+                    self.owner.setdefault(name, owner)
+                    return
+            self.owner.setdefault(name, name)
+            if name in self.narrow:
+                return  # its forward hook adds the gram of its outputs
+            self._seen.append((x, name))
+            self._add(self.grams, name, x)
+
+        return hook
+
+    def _output_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if self.owner.get(name) != name:  # shares a sibling's input gram
+                return
+            bias = getattr(module, "bias", None)
+            self._add(self.output_grams, name, output if bias is None else output - bias)
+
+        return hook
+
+    def _add(self, grams: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1])  # (tokens, features)
+        if name not in grams:
+            grams[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
+            self.tokens[name] = 0
+        add_gram(grams[name], flat)
+        self.tokens[name] += flat.shape[0]
+
+    def stats(self) -> dict[str, LayerStats]:
+        """Grams (one shared object per distinct input) and token counts per target."""
+        missing = [n for n in self.names if n not in self.owner]
+        if missing:
+            raise CalibrationError(f"no input reached {missing[0]} during calibration")
+        return {
+            n: LayerStats(
+                input_gram=self.grams.get(self.owner[n]),
+                output_gram=self.output_grams.get(self.owner[n]),
+                tokens=self.tokens[self.owner[n]],
+            )
+            for n in self.names
+        }
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._seen.clear()
+
+
+BlockCallback = Callable[[list[str], dict[str, LayerStats]], None]
+
+
+def collect_grams(
+    model: nn.Module,
+    names: list[str],
+    windows: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+    after_block: BlockCallback | None = None,
+    output_grams: bool = False,
+) -> dict[str, LayerStats]:
+    """input_gram and token count per target, one block at a time over `windows` (count, seq).
+    With `output_grams`, targets narrower out than in get an output_gram instead (GramCollector).
+
+    `after_block(names, stats)` sees each block's statistics as soon as they are complete (it may
+    compress the block: the next block's inputs still come from the original one). With
+    `after_block`, grams are not kept past their block (the result is empty): memory holds one
+    block's statistics.
+    """
+    try:
+        list_name, _ = find_blocks(model, names)
+    except CalibrationError:
+        if after_block is not None:
+            raise
+        return collect_grams_whole(model, names, windows, dtype, progress)
+    results: dict[str, LayerStats] = {}
+
+    def on_block(index: int, block: nn.Module, run: Callable[[], None]) -> None:
+        prefix = f"{list_name}.{index}."
+        local = [n[len(prefix) :] for n in names if n.startswith(prefix)]
+        collector = GramCollector(block, local, narrow_targets(block, local, output_grams))
+        try:
+            run()
+        finally:
+            collector.remove()
+        block_stats = {prefix + n: s for n, s in collector.stats().items()}
+        if progress:
+            progress(1)
+        if after_block is not None:  # the block is compressed or measured, its grams dropped
+            after_block(list(block_stats), block_stats)
+        else:
+            results.update(block_stats)
+
+    run_blocks(model, names, windows, dtype, on_block)
+    return results
+
+
+def is_narrow(module: nn.Module) -> bool:
+    out_features, in_features = linear_weight(module).shape
+    return out_features < in_features
+
+
+def narrow_targets(root: nn.Module, names: list[str], output_grams: bool) -> set[str]:
+    """The targets (relative to `root`) that gather output grams: none unless the method takes
+    them (`output_grams`), else those narrower out than in."""
+    return {n for n in names if output_grams and is_narrow(root.get_submodule(n))}
+
+
+def collect_grams_whole(
+    model: nn.Module,
+    names: list[str],
+    windows: torch.Tensor,
+    dtype: torch.dtype,
+    progress: Progress | None = None,
+    batch_size: int = 4,
+) -> dict[str, LayerStats]:
+    """Whole-model pass, for targets outside one list of blocks (e.g. explicit `lm_head`)."""
+    runner = model if dtype == torch.float32 else cast_copy(model, dtype)
+    collector = GramCollector(runner, names)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(windows), batch_size):
+                runner(input_ids=windows[start : start + batch_size])
+    finally:
+        collector.remove()
+    if progress:
+        progress(1)
+    return collector.stats()
+
+
+def count_blocks(model: nn.Module, names: list[str]) -> int:
+    try:
+        return len(used_blocks(model, names))
+    except CalibrationError:
+        return 1
+
+
+def collect_fisher(
+    model: nn.Module, names: list[str], windows: torch.Tensor, progress: Progress | None = None
+) -> dict[str, torch.Tensor]:
+    """Summed squared gradients of the LM loss (mean over a window's tokens) per target weight,
+    one window per backward.
+
+    Each weight's gradient is squared into its total as soon as autograd has accumulated it,
+    then dropped, so the gradients of all the targets are never alive together (returning them
+    together took 0.4 GB more for a 512-token window of SmolLM2 in bfloat16, and was slower).
+    The backward goes through the whole model: the block-at-a-time pass of output_fisher.py
+    would save another 0.5 GB of graph and logits, but it costs a second forward per window
+    (measured +18% on this pass, the longest of a fwsvd run).
+    """
+    if not has_lm_head(model):
+        raise RankwiseError("Fisher statistics need a language model head (a causal LM)")
+    weights = {n: model.get_submodule(n).weight for n in names}
+    flags = {param: param.requires_grad for param in model.parameters()}
+    fisher = {
+        n: torch.zeros_like(linear_weight(model.get_submodule(n)), dtype=torch.float32)
+        for n in names
+    }
+    # the backward differentiates each window's summed loss: (d mean / dW)^2 = that / (n - 1)^2
+    scale = 1.0 / (windows.shape[1] - 1) ** 2
+
+    def square_into(name: str) -> Callable[[torch.Tensor], None]:
+        transposed = is_conv1d(model.get_submodule(name))  # Conv1D stores (in, out)
+
+        def hook(weight: torch.Tensor) -> None:
+            grad = weight.grad.T if transposed else weight.grad
+            fisher[name].add_(grad.float().square(), alpha=scale)
+            weight.grad = None
+
+        return hook
+
+    for param in flags:
+        param.requires_grad_(False)
+    handles = []
+    try:
+        for name, weight in weights.items():
+            weight.requires_grad_(True)
+            handles.append(weight.register_post_accumulate_grad_hook(square_into(name)))
+        backward = WholeModelBackward(model)
+        for index, window in enumerate(windows):
+            backward(index, window[None])  # (1, seq_len)
+            if progress:
+                progress(1)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
+    return fisher
+
+
+def collect(
+    model: nn.Module,
+    names: list[str],
+    windows: torch.Tensor,
+    needs: frozenset[str],
+    dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+    output_grams: bool = False,
+) -> Statistics:
+    """Gather what is `needed` ("input_gram", "fisher", "output_fisher") for every target
+    (`output_grams`: narrow targets get an output_gram instead, see GramCollector)."""
+    if len(windows) == 0:
+        raise CalibrationError("no calibration windows")
+    stats = Statistics(
+        meta={
+            "windows": len(windows),
+            "seq_len": int(windows.shape[1]),
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+    )
+    if "input_gram" in needs:
+        stats.layers = collect_grams(model, names, windows, dtype, progress, None, output_grams)
+    else:
+        stats.layers = {n: LayerStats(tokens=windows.numel()) for n in names}
+    if "fisher" in needs:
+        runner = model if dtype == torch.float32 else cast_copy(model, dtype)
+        for name, value in collect_fisher(runner, names, windows, progress).items():
+            stats.layers[name].fisher = value
+    if "output_fisher" in needs:
+        for name, value in collect_output_fisher(model, names, windows, dtype, progress).items():
+            stats.layers[name].output_fisher = value
+    return stats

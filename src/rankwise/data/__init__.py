@@ -1,0 +1,1 @@
+"""Text and token windows: the bundled corpora, user calibration files. Imports core."""

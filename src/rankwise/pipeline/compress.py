@@ -1,0 +1,304 @@
+"""Orchestration: targets -> statistics -> ranks -> factors -> LowRankLinear, with accounting.
+
+The math lives in `methods/`; this module owns the loop, the checks, the timing and the
+per-layer log line (name, shape, rank kept, relative error).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from rankwise.allocation.budget import targeted_params
+from rankwise.allocation.plan import (
+    Plan,
+    allocation_possible,
+    needs_output_fisher,
+    originals,
+    restore,
+)
+from rankwise.calibration import staged
+from rankwise.calibration import statistics as calibrate
+from rankwise.calibration.blocks import in_one_block_list
+from rankwise.core.errors import NonFiniteWeightsError
+from rankwise.core.hardware import compute_dtype, resolve_dtypes
+from rankwise.core.progress import Reporter, Timer
+from rankwise.core.recipe import Recipe
+from rankwise.methods import Factors, LayerStats, Method, MethodOptions, get_method
+from rankwise.methods.base import takes_output_grams
+from rankwise.model.accounting import LayerShape, count_parameters
+from rankwise.model.csr import csr_params
+from rankwise.model.layers import factored_layer
+from rankwise.model.modules import as_linear, linear_weight, set_module
+from rankwise.model.targets import find_targets
+from rankwise.pipeline.gather import gather_statistics, resolve_windows
+
+
+@dataclass
+class LayerReport:
+    name: str
+    out_features: int
+    in_features: int
+    rank: int | None  # None: kept dense
+    rel_error: float  # sqrt(dropped / total energy) of the method's spectrum; 0 when dense
+    est_loss: float | None = None  # importance allocation's estimated loss increase
+    nnz: int = 0  # nonzeros of a sparse residual (method sparse)
+
+    @property
+    def kept_params(self) -> int:
+        """Weight parameters kept; a sparse residual counts its values and indices (bytes / 4)."""
+        dense = self.out_features * self.in_features
+        if self.rank is None:
+            return dense
+        factors = self.rank * (self.out_features + self.in_features)
+        return factors + csr_params(self.nnz, self.out_features, self.in_features)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.kept_params / (self.out_features * self.in_features)
+
+
+@dataclass
+class Compressed:
+    """The compressed model (changed in place) and honest accounting of what was removed."""
+
+    model: nn.Module
+    recipe: Recipe
+    layers: list[LayerReport]
+    model_params_before: int
+    model_params_after: int
+    targeted_before: int
+    targeted_after: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    recovery: dict[str, object] | None = None  # what distillation did, when it ran
+
+    @property
+    def ranks(self) -> dict[str, int | None]:
+        return {layer.name: layer.rank for layer in self.layers}
+
+    @property
+    def targeted_ratio(self) -> float:
+        """Fraction of the targeted layers' weight parameters removed."""
+        return 1.0 - self.targeted_after / self.targeted_before
+
+    @property
+    def model_ratio(self) -> float:
+        """Fraction of the whole model's parameters removed (embeddings and head included)."""
+        return 1.0 - self.model_params_after / self.model_params_before
+
+
+def check_finite(model: nn.Module, names: list[str]) -> None:
+    for name in names:
+        if not torch.isfinite(linear_weight(model.get_submodule(name))).all():
+            raise NonFiniteWeightsError(f"weight of {name} holds NaN or Inf; refusing to compress")
+
+
+def relative_error(spectrum: torch.Tensor | None, rank: int) -> float:
+    """sqrt of the dropped share of the spectrum's energy: the relative error in the method's metric
+    (weight error for svd, calibration output error for whiten, Fisher-weighted for fwsvd)."""
+    if spectrum is None:
+        return float("nan")
+    energy = spectrum.double().square()
+    return float((energy[rank:].sum() / energy.sum().clamp_min(1e-300)).sqrt())
+
+
+def factorize_layer(
+    model: nn.Module,
+    name: str,
+    rank: int,
+    method: Method,
+    stats: LayerStats,
+    options: MethodOptions,
+) -> Factors:
+    """Replace one target by its factors (in place) and return them."""
+    module = as_linear(model.get_submodule(name))
+    factors = method.factorize(module.weight.detach(), stats, rank, options)
+    bias = module.bias.detach() if module.bias is not None else None
+    # Block-by-block runs factorize inside the calibration's inference_mode: the layer's own
+    # tensors are made outside it, or recovery could not train them (inference tensors never
+    # join autograd).
+    with torch.inference_mode(False):
+        layer = factored_layer(factors.left, factors.right, factors.sparse, bias)
+    set_module(model, name, layer)
+    return factors
+
+
+class LayerLoop:
+    """Factorizes layers one by one, logging a line per layer and keeping the reports."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        recipe: Recipe,
+        reporter: Reporter,
+        ranks: dict[str, int | None],
+        advance: Callable[[int], None],
+    ) -> None:
+        self.model, self.method, self.reporter = model, method, reporter
+        self.ranks, self.advance = ranks, advance
+        self.options = MethodOptions(eig_floor=recipe.eig_floor)
+        self.reports: dict[str, LayerReport] = {}
+
+    def __call__(self, shape: LayerShape, stats: LayerStats) -> None:
+        rank = self.ranks[shape.name]
+        error, nnz, rounds = 0.0, 0, ""
+        if rank is not None:
+            factors = factorize_layer(
+                self.model, shape.name, rank, self.method, stats, self.options
+            )
+            error = factors.rel_error
+            if error is None:
+                error = relative_error(factors.spectrum, rank)
+            rank = factors.left.shape[1]  # a sparse residual spends part of the rank's budget
+            nnz = factors.sparse.nnz if factors.sparse is not None else 0
+            if "history" in factors.extras:
+                rounds = "  by round " + " ".join(f"{e:.4f}" for e in factors.extras["history"])
+        self.reports[shape.name] = LayerReport(
+            shape.name, shape.out_features, shape.in_features, rank, error, nnz=nnz
+        )
+        kept = "dense" if rank is None else f"rank {rank:>4}" + (f" nnz {nnz}" if nnz else "")
+        self.reporter.log(
+            f"{shape.name:<40} {shape.out_features:>5}x{shape.in_features:<5} "
+            f"{kept}  rel.err {error:.4f}{rounds}"
+        )
+        self.advance(1)
+
+
+def compress(
+    model: nn.Module,
+    recipe: Recipe,
+    tokenizer: object | None = None,
+    windows: torch.Tensor | None = None,
+    reporter: Reporter | None = None,
+) -> Compressed:
+    """Compress `model` in place following `recipe`; returns the model with its accounting.
+
+    `windows` (count, seq_len) token ids override the recipe's calibration text (tests use it).
+    With `recipe.sequential`, each block's statistics are gathered after the blocks before it
+    were compressed, so later layers correct for earlier errors.
+    """
+    reporter = reporter or Reporter()
+    recipe, dtype_line = resolve_dtypes(recipe)
+    reporter.log(dtype_line)
+    timer = Timer()
+    model.eval()
+    names = find_targets(model, recipe.targets, recipe.ignore)
+    check_finite(model, names)
+    method = get_method(recipe.method)
+    recipe = allocation_possible(model, method, recipe, tokenizer, windows, reporter)
+    params_before = count_parameters(model)
+    shapes = {n: LayerShape(n, *linear_weight(model.get_submodule(n)).shape) for n in names}
+    plan = Plan(model, names, shapes, method, recipe, reporter, timer)
+    rounds = plan.rounds()
+    dense_targets = originals(model, names) if rounds > 1 else {}
+
+    def new_round(round_: int, windows: torch.Tensor) -> dict[str, int | None]:
+        ranks = plan.reallocate(windows, round_)  # Fisher of the model as compressed now
+        restore(model, dense_targets)
+        return ranks
+
+    def factorize_all(
+        ranks: dict[str, int | None], phase: str, run: Callable[[LayerLoop], None]
+    ) -> LayerLoop:
+        with reporter.task("factorizing", total=len(shapes)) as advance, timer.phase(phase):
+            loop = LayerLoop(model, method, recipe, reporter, ranks, advance)
+            run(loop)
+        return loop
+
+    if blockwise_applies(model, names, method, recipe, reporter):
+        windows = resolve_windows(recipe, tokenizer, windows, reporter)
+        ranks = plan.ranks(windows=windows)
+        for round_ in range(1, rounds + 1):
+            ranks = new_round(round_, windows) if round_ > 1 else ranks
+            ranks = plan.measure(windows, ranks) if round_ == rounds else ranks
+            loop = factorize_all(
+                ranks,
+                "calibrate+factorize",
+                lambda loop: compress_blockwise(model, names, shapes, loop, recipe, windows),
+            )
+    else:
+        needs = method.needs | ({"output_fisher"} if needs_output_fisher(recipe) else set())
+        with timer.phase("calibrate"):
+            narrow = takes_output_grams(method)
+            stats = gather_statistics(
+                model, names, needs, recipe, tokenizer, windows, reporter, narrow
+            )
+        ranks = plan.ranks(stats=stats)
+
+        def from_stats(loop: LayerLoop) -> None:
+            for name in names:
+                loop(shapes[name], stats.layers[name])
+
+        for round_ in range(1, rounds + 1):
+            if round_ > 1:
+                windows = resolve_windows(recipe, tokenizer, windows, reporter)
+                ranks = new_round(round_, windows)
+            if round_ == rounds and recipe.importance_measure:
+                windows = resolve_windows(recipe, tokenizer, windows, reporter)
+                ranks = plan.measure(windows, ranks)
+            loop = factorize_all(ranks, "factorize", from_stats)
+
+    reports = [loop.reports[n] for n in names]
+    dense, _ = targeted_params(list(shapes.values()), ranks)
+    kept = sum(report.kept_params for report in reports)  # sparse layers: values + indices
+    reporter.log(
+        f"targeted ratio: requested {recipe.ratio:.4f}, achieved {1 - kept / dense:.4f} "
+        f"({recipe.allocation} allocation)"
+    )
+    for report in reports:
+        report.est_loss = plan.estimated_loss(report.name, ranks[report.name])
+    return Compressed(
+        model, recipe, reports, params_before, count_parameters(model), dense, kept, timer.seconds
+    )
+
+
+def blockwise_applies(
+    model: nn.Module, names: list[str], method: Method, recipe: Recipe, reporter: Reporter
+) -> bool:
+    """Whether each block is factorized as soon as its grams are complete.
+
+    Sequential calibration needs it. A one-pass run takes it too when nothing needs every
+    layer's statistics first (uniform ranks, grams only, no statistics file to write): memory
+    then holds one block's grams instead of all of them (SmolLM2: 0.8 GB of float64).
+    """
+    if recipe.stats or "input_gram" not in method.needs:
+        return False
+    if not recipe.sequential and (recipe.allocation != "uniform" or method.needs != {"input_gram"}):
+        return False
+    if not in_one_block_list(model, names):
+        reporter.log("targets are not all inside one list of blocks: one whole-model pass")
+        return False
+    return True
+
+
+def compress_blockwise(
+    model: nn.Module,
+    names: list[str],
+    shapes: dict[str, LayerShape],
+    loop: LayerLoop,
+    recipe: Recipe,
+    windows: torch.Tensor,
+) -> None:
+    """Block by block: gather a block's statistics, then factorize it. Sequential: each block from
+    the blocks before it compressed, and with `recipe.staged` group by group inside it
+    (staged.py); else every block from the original model's inputs (one pass)."""
+
+    def factorize(group_names: list[str], stats: dict[str, LayerStats]) -> None:
+        for name in group_names:
+            loop(shapes[name], stats[name])
+
+    dtype = compute_dtype(recipe.calib_dtype)
+    output_grams = takes_output_grams(loop.method)
+    if recipe.sequential:
+        staged.compress_sequential(
+            model, names, windows, dtype, factorize, output_grams, staged=recipe.staged
+        )
+        return
+
+    calibrate.collect_grams(
+        model, names, windows, dtype, after_block=factorize, output_grams=output_grams
+    )

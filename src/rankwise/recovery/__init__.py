@@ -1,0 +1,3 @@
+"""Distillation into the factors, its checkpoints and teacher cache, and truncation of trained
+factors. Imports pipeline, storage, model, data, core.
+"""
