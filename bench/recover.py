@@ -23,6 +23,7 @@ from rankwise.core.recipe import RecoverConfig
 from rankwise.data import corpora
 from rankwise.evaluation import perplexity as evaluate
 from rankwise.recovery.distill import recover
+from rankwise.storage.manifest import Manifest
 from rankwise.storage.saved import load_compressed, save_compressed
 from rankwise.storage.sources import load_model
 
@@ -130,10 +131,10 @@ def main() -> None:
     after = perplexities(student.model, full)
     print("after", after, flush=True)
     if args.save:
-        block = student.model.config.rankwise
-        info = {k: v for k, v in block.items() if k not in ("layers", "version")}
-        info["recovery"] = {"steps": settings.steps, "seconds": log.seconds}
-        save_compressed(student.model, args.save, tokenizer, recipe.to_yaml(), info, True)
+        manifest = Manifest.read(args.source).model_copy(
+            update={"recovery": {"steps": settings.steps, "seconds": log.seconds}}
+        )
+        save_compressed(student.model, args.save, manifest, tokenizer, recipe.to_yaml(), True)
 
     summary = {
         "source": str(args.source),

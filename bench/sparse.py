@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from rankwise.storage.manifest import Manifest
+
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("whiten", "sparse")
 STREAMS = ("bbc", "wiki")
@@ -105,9 +107,9 @@ def collect(out: Path, method: str, ratio: float) -> dict:
     compressed = json.loads(Path(f"{out}.compress.json").read_text())["compressed"]
     evaluated = json.loads(Path(f"{out}.eval.json").read_text())
     timing = json.loads(Path(f"{out}.time.json").read_text())[str(out)]
-    block = json.loads((out / "config.json").read_text())["rankwise"]
-    nnz = sum(t.get("nnz", 0) for t in block["targets"])
-    sparse_layers = sum(1 for t in block["targets"] if t.get("nnz"))
+    layers = Manifest.read(out).layers
+    nnz = sum(layer.nnz for layer in layers)
+    sparse_layers = sum(1 for layer in layers if layer.nnz)
     return {
         "method": method,
         "ratio": ratio,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -176,15 +175,10 @@ def _one_thread() -> None:
 
 
 def saved_targets(directory: str | Path) -> dict[str, dict]:
-    """Per-target {out, in, rank, rel_error} from a saved model's config.json, keyed by name.
+    """Per-target {out, in, rank, nnz, rel_error, ...} from a saved model's manifest, by name."""
+    from rankwise.storage.manifest import Manifest
 
-    The block stores a list in model order ({"name": ...} entries); a mapping is accepted too.
-    """
-    block = json.loads((Path(directory) / "config.json").read_text())["rankwise"]
-    targets = block["targets"]
-    if isinstance(targets, dict):
-        return targets
-    return {t["name"]: t for t in targets}
+    return {e.name: e.model_dump(by_alias=True) for e in Manifest.read(directory).layers}
 
 
 def spy_compressed(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[bool]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from rankwise.core.errors import RankwiseError
 from rankwise.core.recipe import LayerOverride, Recipe
 from rankwise.model.accounting import LayerShape, count_parameters
 from rankwise.model.layers import LowRankLinear
+from rankwise.storage.manifest import Manifest
 
 CASES = [(family, method) for family in FAMILIES for method in ("svd", "whiten", "sparse")] + [
     (family, "fwsvd") for family in CAUSAL
@@ -42,7 +42,7 @@ def run(model: nn.Module, **recipe: object) -> rankwise.Compressed:
 
 
 def saved_block(directory: str | Path) -> dict:
-    return json.loads((Path(directory) / "config.json").read_text())["rankwise"]
+    return Manifest.read(directory).to_block()
 
 
 def hand_counted(targets: dict[str, dict]) -> tuple[int, int]:
@@ -132,8 +132,7 @@ def test_dense_override_keeps_layer_dense_through_save_and_load(tmp_path: Path) 
     for name in k_names:
         assert type(loaded.get_submodule(name)) is nn.Linear
     torch.testing.assert_close(model_output(loaded, IDS), expected, rtol=0, atol=1e-5)
-    block = saved_block(out)
-    assert not any(n in block["layers"] for n in k_names)
+    assert not any(n in Manifest.read(out).factorized() for n in k_names)
     assert all(saved_targets(out)[n]["rank"] is None for n in k_names)
     assert hand_counted(saved_targets(out)) == (result.targeted_before, result.targeted_after)
 
@@ -271,9 +270,7 @@ def test_fwsvd_on_encoder_raises_and_leaves_model_alone() -> None:
 def test_svd_needs_no_calibration() -> None:
     """Data-free: no tokenizer and no windows are needed."""
     model = make_model("llama")
-    result = rankwise.compress(
-        model, Recipe(allocation="uniform", method="svd", ratio=0.3)
-    )
+    result = rankwise.compress(model, Recipe(allocation="uniform", method="svd", ratio=0.3))
     assert all(layer.rank is not None for layer in result.layers)
 
 

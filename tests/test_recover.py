@@ -21,6 +21,7 @@ from rankwise.recovery.distill import (
     recover,
     trainable_factors,
 )
+from rankwise.storage.manifest import Manifest
 
 
 def compressed_pair(ratio: float = 0.6) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -142,9 +143,7 @@ def test_checkpoint_from_another_run_is_refused(tmp_path: Path) -> None:
 def test_saved_recovered_model_matches_the_trained_one(tmp_path: Path) -> None:
     teacher = make_model("llama")
     student = clone(teacher)
-    result = rankwise.compress(
-        student, Recipe(method="svd", ratio=0.5, allocation="uniform")
-    )
+    result = rankwise.compress(student, Recipe(method="svd", ratio=0.5, allocation="uniform"))
     recover(student, teacher, make_windows(count=4, seq_len=16), config(steps=4))
     rankwise.save(result, str(tmp_path / "out"))
     loaded = rankwise.load(tmp_path / "out")
@@ -181,7 +180,7 @@ def test_cli_compress_with_recovery_then_recover_again(method: str, tmp_path: Pa
     assert result.returncode == 0, result.stderr
     recovery = json.loads((tmp_path / "figures.json").read_text())["compressed"]["recovery"]
     assert recovery["steps"] == 3 and len(recovery["losses"]) == 3
-    block = json.loads((tmp_path / "small" / "config.json").read_text())["rankwise"]
+    block = Manifest.read(tmp_path / "small").to_block()
     assert block["recovery"]["steps"] == 3
     assert not list(tmp_path.glob(".small.recover*"))  # checkpoints removed once saved
 
@@ -194,7 +193,7 @@ def test_cli_compress_with_recovery_then_recover_again(method: str, tmp_path: Pa
     assert len(json.loads((tmp_path / "log.json").read_text())["losses"]) == 4
     again = rankwise.load(tmp_path / "again", merge_policy="never")
     assert any(isinstance(m, LowRankLinear) for m in again.modules())
-    block = json.loads((tmp_path / "again" / "config.json").read_text())["rankwise"]
+    block = Manifest.read(tmp_path / "again").to_block()
     assert block["recovery"]["steps"] == 4 and block["method"] == method
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, make_windows
 from test_cli import cli, error_lines
 
 import rankwise
@@ -233,12 +233,29 @@ def test_eval_windows_measures_without_writing_into_the_directory(tmp_path: Path
     from conftest import word_tokenizer
 
     model = make_model("llama", max_position_embeddings=600)
-    result = rankwise.compress(
-        model, Recipe(method="svd", ratio=0.4, allocation="uniform")
-    )
+    result = rankwise.compress(model, Recipe(method="svd", ratio=0.4, allocation="uniform"))
     small = Path(rankwise.save(result, str(tmp_path / "small"), tokenizer=word_tokenizer()))
     before = sorted(p.name for p in small.iterdir())
     index = run_report([small], tmp_path / "r", eval_windows=1)
     assert sorted(p.name for p in small.iterdir()) == before  # the input is left as it was
     assert "quality.png" in assert_complete(tmp_path / "r")
     assert "ppl bbc" in index.read_text() and "not measured" not in index.read_text()
+
+
+@pytest.mark.parametrize("method", ["svd", "whiten", "sparse"])
+def test_report_and_inspect_agree_on_every_model_kind(method: str, tmp_path: Path) -> None:
+    """The report's "rank kept" and inspect's "kept" column come from one accounting, sparse
+    residuals (values and indices) included."""
+    from rankwise.report.runs import read_run
+    from rankwise.report.tables import layer_table
+    from rankwise.storage.manifest import Manifest
+
+    recipe = Recipe(method=method, ratio=0.4, allocation="uniform", calib_dtype="float32")
+    result = rankwise.compress(make_model("llama"), recipe, windows=make_windows())
+    out = Path(rankwise.save(result, str(tmp_path / method)))
+    report_kept = read_run(out, method).kept()
+    table = layer_table(Manifest.read(out).layers)
+    inspect_kept = dict(zip(table.columns[0]._cells, table.columns[3]._cells, strict=True))
+    assert inspect_kept == {name: f"{kept:.1%}" for name, kept in report_kept.items()}
+    by_result = {layer.name: layer.kept_fraction for layer in result.layers}
+    assert report_kept == pytest.approx(by_result)

@@ -88,9 +88,7 @@ def test_a_layer_measured_worse_than_estimated_gets_more_rank(
     model = make_model("llama")
     recipe = {"calib_dtype": "float32", "allocation": "importance", "ratio": 0.5}
     windows = make_windows(8, 16)
-    before = rankwise.compress(
-        copy.deepcopy(model), Recipe(**recipe), windows=windows
-    ).ranks
+    before = rankwise.compress(copy.deepcopy(model), Recipe(**recipe), windows=windows).ranks
     hurt = "model.layers.1.self_attn.o_proj"
     real = plan.sensitivity.single_layer_losses
 
@@ -100,9 +98,7 @@ def test_a_layer_measured_worse_than_estimated_gets_more_rank(
         return {**found, hurt: (rank, abs(loss) * 1e3 + 10.0)}
 
     monkeypatch.setattr(plan.sensitivity, "single_layer_losses", inflated)
-    result = rankwise.compress(
-        model, Recipe(**recipe, importance_measure=1), windows=windows
-    )
+    result = rankwise.compress(model, Recipe(**recipe, importance_measure=1), windows=windows)
     assert 0.5 <= result.targeted_ratio <= 0.505
     after = result.ranks
     assert after[hurt] is None or before[hurt] is not None and after[hurt] > before[hurt]

@@ -4,7 +4,6 @@ exists (outliers that low rank cannot hold)."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from rankwise.methods.sparse import curve_ranks, scaled_spectrum, split_budget
 from rankwise.model.accounting import LayerShape, count_parameters
 from rankwise.model.csr import CSR, csr_params, index_dtype, index_params, max_nnz
 from rankwise.model.layers import LowRankLinear, SparseLowRankLinear
+from rankwise.storage.manifest import Manifest
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
 
@@ -124,14 +124,15 @@ def test_sparse_model_is_no_larger_than_the_low_rank_one(tmp_path: Path) -> None
 def test_saved_accounting_matches_the_stored_tensors(tmp_path: Path) -> None:
     result = compress_tiny("sparse")
     out = rankwise.save(result, str(tmp_path / "model"))
-    block = json.loads((Path(out) / "config.json").read_text())["rankwise"]
+    manifest = Manifest.read(out)
+    block = manifest.to_block()
     kept = 0
     with safe_open(str(Path(out) / "model.safetensors"), "pt") as weights:
-        for target in block["targets"]:
+        for target in block["layers"]:
             name, nnz = target["name"], target["nnz"]
             stored = target["rank"] * (target["out"] + target["in"])
             if nnz:
-                assert block["layers"][name]["nnz"] == nnz
+                assert manifest.by_name()[name].count.kept_params > stored
                 cols = weights.get_tensor(f"{name}.col_indices")
                 crow = weights.get_tensor(f"{name}.crow_indices")
                 values = weights.get_tensor(f"{name}.values")
@@ -139,7 +140,7 @@ def test_saved_accounting_matches_the_stored_tensors(tmp_path: Path) -> None:
                 assert len(cols) == len(values) == nnz == int(crow[-1])
                 raw = sum(t.numel() * t.element_size() for t in (cols, crow, values))
                 stored += math.ceil(raw / 4)  # every byte counted, in fp32 parameter units
-            assert target["kept_params"] == stored
+            assert manifest.by_name()[name].count.kept_params == stored
             kept += stored
     assert kept == result.targeted_after == block["targeted_params_after"]
     assert count_parameters(rankwise.load(out, merge_policy="never")) == result.model_params_after
@@ -298,9 +299,7 @@ def test_sparse_compresses_with_bfloat16_calibration(sequential: bool) -> None:
         sequential=sequential,
         allocation="uniform",
     )
-    result = rankwise.compress(
-        with_outliers(make_model("llama")), recipe, windows=make_windows()
-    )
+    result = rankwise.compress(with_outliers(make_model("llama")), recipe, windows=make_windows())
     assert any(layer.nnz > 0 for layer in result.layers)
     assert 0.4 <= result.targeted_ratio
 

@@ -148,9 +148,7 @@ def test_fisher_is_summed_squared_gradient(family: str) -> None:
 
 def test_fisher_leaves_requires_grad_alone() -> None:
     model = make_model("llama")
-    rankwise.compress(
-        model, Recipe(method="fwsvd", ratio=0.3, calib_dtype="float32"), windows=IDS
-    )
+    rankwise.compress(model, Recipe(method="fwsvd", ratio=0.3, calib_dtype="float32"), windows=IDS)
     assert all(p.requires_grad for p in model.parameters())
 
 
@@ -168,9 +166,7 @@ def test_ratio_sweep_from_saved_statistics_equals_fresh_runs(method: str, tmp_pa
     assert first.recipe.stats == str(path)
     for ratio in (0.2, 0.5):
         # no windows and no tokenizer: only the saved statistics can make this work
-        reused = rankwise.compress(
-            clone(base), Recipe(method=method, ratio=ratio, stats=str(path))
-        )
+        reused = rankwise.compress(clone(base), Recipe(method=method, ratio=ratio, stats=str(path)))
         fresh = rankwise.compress(
             clone(base),
             Recipe(method=method, ratio=ratio, calib_dtype="float32", sequential=False),
@@ -227,9 +223,7 @@ def test_statistics_file_without_what_the_method_needs_calibrates_from_the_token
         calib_dtype="float32",
     )
     tokenizer = word_tokenizer()
-    rankwise.compress(
-        make_model("llama"), Recipe(method="whiten", **common), tokenizer=tokenizer
-    )
+    rankwise.compress(make_model("llama"), Recipe(method="whiten", **common), tokenizer=tokenizer)
     result = rankwise.compress(
         make_model("llama"), Recipe(method="fwsvd", **common), tokenizer=tokenizer
     )

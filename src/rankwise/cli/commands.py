@@ -11,7 +11,7 @@ from rich.console import Console
 
 from rankwise.analysis.features import FeatureOptions
 from rankwise.cli.recover import recover_model
-from rankwise.cli.tasks import run_encoder_eval
+from rankwise.cli.tasks import run_encoder_eval, size_row
 from rankwise.core.atomic import atomic_write_text
 from rankwise.core.errors import ModelNotFoundError, RankwiseError
 from rankwise.core.progress import Reporter, cli_reporter
@@ -21,10 +21,10 @@ from rankwise.evaluation import perplexity as evaluate
 from rankwise.evaluation.encoder import is_encoder
 from rankwise.evaluation.speed import BenchOptions
 from rankwise.methods import get_method
-from rankwise.model.accounting import count_parameters
 from rankwise.model.loading import Loaded
 from rankwise.pipeline.compress import compress
 from rankwise.report.tables import layer_table, summary_table
+from rankwise.storage.manifest import Manifest
 from rankwise.storage.saved import EVAL_FILE, check_output, directory_bytes, is_compressed_dir
 from rankwise.storage.sources import BUNDLED, cache_dir, load_model
 
@@ -192,17 +192,10 @@ def run_eval(
         advance(1)
     if is_encoder(loaded.model):  # no LM loss: embedding fidelity and a topic probe instead
         return run_encoder_eval(loaded, spec, reference)
-    params = count_parameters(loaded.model)
-    path = Path(spec)
-    on_disk = directory_bytes(path) if path.is_dir() else _bytes_fp32(params)
     ppl = measure_perplexity(loaded, eval_token_windows(loaded, streams, windows), reporter)
-    row = {"name": spec, "params": params, "bytes": on_disk, "perplexity": ppl, "windows": windows}
-    if path.is_dir() and is_compressed_dir(path):
-        block = json.loads((path / "config.json").read_text())["rankwise"]
-        row["targeted_ratio"] = block.get("targeted_ratio")
-        row["model_ratio"] = block.get("model_ratio")
-        if store:
-            store_eval(path, row, reporter)
+    row = {**size_row(loaded, spec), "perplexity": ppl, "windows": windows}
+    if store and is_compressed_dir(spec):
+        store_eval(Path(spec), row, reporter)
     console.print(summary_table([row], streams))
     return row
 
@@ -210,13 +203,12 @@ def run_eval(
 def run_inspect(directory: Path) -> None:
     if not is_compressed_dir(directory):
         raise RankwiseError(f"not a rankwise model directory: {directory}")
-    block = json.loads((directory / "config.json").read_text())["rankwise"]
-    targets = {t["name"]: t for t in block.get("targets", [])} or block.get("layers", {})
-    console.print(layer_table(targets))
+    manifest = Manifest.read(directory)
+    console.print(layer_table(manifest.layers))
     console.print(
-        f"method {block.get('method')}, requested ratio {block.get('ratio')}, "
-        f"targeted removed {block.get('targeted_ratio', 0):.2%}, "
-        f"model removed {block.get('model_ratio', 0):.2%}"
+        f"method {manifest.method}, requested ratio {manifest.ratio}, "
+        f"targeted removed {manifest.targeted_ratio:.2%}, "
+        f"model removed {manifest.model_ratio:.2%}"
     )
 
 

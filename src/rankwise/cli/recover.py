@@ -6,19 +6,21 @@ models, finds the text, keeps the checkpoints beside the output and saves the re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.console import Console
 
-from rankwise.core.errors import ModelNotFoundError, RankwiseError
+from rankwise.core.errors import RankwiseError
 from rankwise.core.progress import Reporter, cli_reporter
-from rankwise.core.recipe import Recipe
+from rankwise.core.recipe import Recipe, check_ratio
 from rankwise.data import corpora
-from rankwise.model.accounting import count_parameters
+from rankwise.model.accounting import count_parameters, model_ratio, targeted_totals
+from rankwise.model.layers import LowRankLinear
 from rankwise.recovery.checkpoint import Checkpoints
 from rankwise.recovery.distill import recover
-from rankwise.storage.saved import check_output, is_compressed_dir, save_compressed
+from rankwise.recovery.truncate import fixed_params, proportional_ranks, truncate_model
+from rankwise.storage.manifest import Manifest
+from rankwise.storage.saved import check_output, save_compressed
 from rankwise.storage.sources import load_model
 
 console = Console()
@@ -82,12 +84,10 @@ def run_recover(
 ) -> dict[str, object]:
     """Recover an already compressed directory into a new one (the teacher: its source model)."""
     out = check_output(out, overwrite)
-    if not is_compressed_dir(directory):
-        raise ModelNotFoundError(f"not a rankwise model directory: {directory}")
-    block = json.loads((Path(directory) / "config.json").read_text())["rankwise"]
+    manifest = Manifest.read(directory)
     recipe = saved_recipe(directory)
     recipe = recipe.merged(recover=settings)
-    teacher_spec = teacher_spec or block.get("source_model") or recipe.model
+    teacher_spec = teacher_spec or manifest.source_model or recipe.model
     reporter = cli_reporter()
     with reporter.task(f"loading {directory}") as advance:
         student = load_model(str(directory))
@@ -99,10 +99,11 @@ def run_recover(
     recovery = recover_model(
         student.model, teacher, recipe, student.tokenizer, out, resume, reporter
     )
-    info = {k: v for k, v in block.items() if k not in ("layers", "version")}
-    info["recovery"] = {k: v for k, v in recovery.items() if k != "losses"}
+    manifest = manifest.model_copy(
+        update={"recovery": {k: v for k, v in recovery.items() if k != "losses"}}
+    )
     saved = save_compressed(
-        student.model, out, student.tokenizer, recipe.to_yaml(), info, overwrite
+        student.model, out, manifest, student.tokenizer, recipe.to_yaml(), overwrite
     )
     console.print(f"saved to {saved}")
     return recovery
@@ -111,43 +112,51 @@ def run_recover(
 def run_truncate(
     directory: Path, out: Path, ratio: float, overwrite: bool = False
 ) -> dict[str, object]:
-    """Truncate a compressed (e.g. recovered) directory to a higher ratio; write it to `out`."""
-    from rankwise.core.recipe import check_ratio
-    from rankwise.model.layers import LowRankLinear
-    from rankwise.recovery.truncate import proportional_ranks, truncate_model
+    """Truncate a compressed (e.g. recovered) directory to a higher ratio; write it to `out`.
 
+    Every factorized layer keeps the same fraction of its rank; a sparse residual is kept as it
+    is and counted (recovery/truncate.py). The manifest's accounting is recomputed from the
+    truncated layers (model/accounting.py)."""
     check_ratio(ratio)
     out = check_output(out, overwrite)
-    if not is_compressed_dir(directory):
-        raise ModelNotFoundError(f"not a rankwise model directory: {directory}")
+    manifest = Manifest.read(directory)
     loaded = load_model(str(directory))
-    block = json.loads((Path(directory) / "config.json").read_text())["rankwise"]
-    targets = {t["name"]: t for t in block["targets"]}
-    kept_dense = sum(t["out"] * t["in"] for t in targets.values() if t["rank"] is None)
+    entries = manifest.by_name()
     layers = {n: m for n, m in loaded.model.named_modules() if isinstance(m, LowRankLinear)}
-    dense_params = int(block["targeted_params_before"])
-    ranks = proportional_ranks(layers, dense_params, kept_dense, ratio)
-    errors = truncate_model(loaded.model, ranks)
-    for name, rank in ranks.items():
-        targets[name].update(
-            rank=rank, rel_error=None, est_loss=None, truncation_error=errors[name]
-        )
-    kept = kept_dense + sum(r * (targets[n]["out"] + targets[n]["in"]) for n, r in ranks.items())
-    info = {k: v for k, v in block.items() if k not in ("layers", "version")}
-    info.update(
-        ratio=ratio,
-        truncated_from=block.get("targeted_ratio"),
-        targets=list(targets.values()),
-        targeted_params_after=kept,
-        targeted_ratio=1 - kept / dense_params,
-        model_params_after=count_parameters(loaded.model),
-        model_ratio=1 - count_parameters(loaded.model) / int(block["model_params_before"]),
+    ranks = proportional_ranks(
+        layers, manifest.targeted_params_before, fixed_params(entries, layers), ratio
     )
-    recipe = saved_recipe(directory)
-    recipe_yaml = recipe.merged(ratio=ratio).to_yaml()
-    saved = save_compressed(loaded.model, out, loaded.tokenizer, recipe_yaml, info, overwrite)
+    errors = truncate_model(loaded.model, ranks)
+    truncated = [
+        entry.model_copy(
+            update={
+                "rank": ranks[name],
+                "rel_error": None,
+                "est_loss": None,
+                "truncation_error": errors[name],
+            }
+        )  # fmt: skip
+        if name in ranks
+        else entry
+        for name, entry in entries.items()
+    ]
+    dense, kept = targeted_totals(entry.count for entry in truncated)
+    params = count_parameters(loaded.model)
+    manifest = manifest.model_copy(
+        update={
+            "ratio": ratio,
+            "truncated_from": manifest.targeted_ratio,
+            "layers": truncated,
+            "targeted_params_after": kept,
+            "targeted_ratio": 1 - kept / dense,
+            "model_params_after": params,
+            "model_ratio": model_ratio(manifest.model_params_before, params),
+        }
+    )
+    recipe_yaml = saved_recipe(directory).merged(ratio=ratio).to_yaml()
+    saved = save_compressed(loaded.model, out, manifest, loaded.tokenizer, recipe_yaml, overwrite)
     console.print(
-        f"targeted removed {block.get('targeted_ratio', 0):.2%} -> {info['targeted_ratio']:.2%}; "
+        f"targeted removed {manifest.truncated_from:.2%} -> {manifest.targeted_ratio:.2%}; "
         f"saved to {saved}"
     )
-    return info
+    return manifest.to_block()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.console import Console
@@ -14,22 +13,25 @@ from rankwise.evaluation.encoder import EncoderTexts, encoder_figures, is_encode
 from rankwise.model.accounting import count_parameters
 from rankwise.model.loading import Loaded
 from rankwise.report.tables import human_bytes
+from rankwise.storage.manifest import Manifest
 from rankwise.storage.saved import directory_bytes, is_compressed_dir
 from rankwise.storage.sources import BUNDLED, load_model
 
 console = Console()
 
 
-def _size_row(loaded: Loaded, spec: str) -> dict[str, object]:
+def size_row(loaded: Loaded, spec: str) -> dict[str, object]:
+    """Name, parameters, bytes on disk (fp32 for a source that is no directory), and for a
+    compressed directory its manifest's ratios and source model."""
     params = count_parameters(loaded.model)
     path = Path(spec)
     on_disk = directory_bytes(path) if path.is_dir() else params * 4
     row: dict[str, object] = {"name": spec, "params": params, "bytes": on_disk}
     if path.is_dir() and is_compressed_dir(path):
-        block = json.loads((path / "config.json").read_text())["rankwise"]
-        row["targeted_ratio"] = block.get("targeted_ratio")
-        row["model_ratio"] = block.get("model_ratio")
-        row["source_model"] = block.get("source_model")
+        manifest = Manifest.read(path)
+        row["targeted_ratio"] = manifest.targeted_ratio
+        row["model_ratio"] = manifest.model_ratio
+        row["source_model"] = manifest.source_model
     return row
 
 
@@ -58,7 +60,7 @@ def run_task_eval(
     for task, values in metrics.items():
         shown = ", ".join(f"{name} {value:.4f}" for name, value in values.items())
         console.print(f"{task}: {shown}", highlight=False)
-    row = _size_row(loaded, spec)
+    row = size_row(loaded, spec)
     row.update(
         {"tasks": metrics, "limit": limit, "num_fewshot": num_fewshot, "lm_eval": results.results}
     )
@@ -88,7 +90,7 @@ def run_encoder_eval(
     train_per_topic: int = 60,
 ) -> dict[str, object]:
     """Cosine to the original's sentence embeddings and BBC topic probe accuracy (both models)."""
-    row = _size_row(loaded, spec)
+    row = size_row(loaded, spec)
     original = reference_spec(spec, reference, row)
     texts = EncoderTexts.bbc(sentences, train_per_topic)
     reference_model = _load(original).model if original else None

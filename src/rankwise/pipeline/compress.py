@@ -29,8 +29,7 @@ from rankwise.core.progress import Reporter, Timer
 from rankwise.core.recipe import Recipe
 from rankwise.methods import Factors, LayerStats, Method, MethodOptions, get_method
 from rankwise.methods.base import takes_output_grams
-from rankwise.model.accounting import LayerShape, count_parameters
-from rankwise.model.csr import csr_params
+from rankwise.model.accounting import LayerCount, LayerShape, count_parameters
 from rankwise.model.layers import factored_layer
 from rankwise.model.modules import as_linear, linear_weight, set_module
 from rankwise.model.targets import find_targets
@@ -48,17 +47,17 @@ class LayerReport:
     nnz: int = 0  # nonzeros of a sparse residual (method sparse)
 
     @property
+    def count(self) -> LayerCount:
+        return LayerCount(self.out_features, self.in_features, self.rank, self.nnz)
+
+    @property
     def kept_params(self) -> int:
         """Weight parameters kept; a sparse residual counts its values and indices (bytes / 4)."""
-        dense = self.out_features * self.in_features
-        if self.rank is None:
-            return dense
-        factors = self.rank * (self.out_features + self.in_features)
-        return factors + csr_params(self.nnz, self.out_features, self.in_features)
+        return self.count.kept_params
 
     @property
     def kept_fraction(self) -> float:
-        return self.kept_params / (self.out_features * self.in_features)
+        return self.count.kept_fraction
 
 
 @dataclass

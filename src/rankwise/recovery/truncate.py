@@ -10,14 +10,17 @@ so the allocation chosen at compression time keeps its shape.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from rankwise.core.errors import RatioError
 from rankwise.methods.base import split_singular
-from rankwise.model.layers import LowRankLinear
+from rankwise.model.accounting import LayerCount
+from rankwise.model.layers import LowRankLinear, SparseLowRankLinear, factored_layer
 from rankwise.model.modules import set_module
+from rankwise.storage.manifest import LayerEntry
 
 
 def product_core(
@@ -51,12 +54,24 @@ def truncate_factors(
     return new_left.to(left.dtype), new_right.to(right.dtype), error
 
 
+def fixed_params(entries: Mapping[str, LayerEntry], layers: Mapping[str, LowRankLinear]) -> int:
+    """Kept parameters truncation does not change: layers kept dense, and the values and indices
+    of sparse residuals (which are kept as they are)."""
+    dense = sum(e.count.kept_params for name, e in entries.items() if name not in layers)
+    residuals = sum(
+        LayerCount(m.out_features, m.in_features, 0, m.nnz).kept_params
+        for m in layers.values()
+        if isinstance(m, SparseLowRankLinear)
+    )
+    return dense + residuals
+
+
 def proportional_ranks(
     layers: dict[str, LowRankLinear], dense_params: int, kept_dense_layers: int, ratio: float
 ) -> dict[str, int]:
     """New ranks, each layer's rank times one factor, so the targeted layers lose `ratio` of
-    their dense parameters (`dense_params`); layers kept dense (`kept_dense_layers` params)
-    stay dense."""
+    their dense parameters (`dense_params`); `kept_dense_layers` parameters (dense layers,
+    sparse residuals: `fixed_params`) stay as they are."""
     factor_params = sum(m.rank * (m.in_features + m.out_features) for m in layers.values())
     budget = (1.0 - ratio) * dense_params - kept_dense_layers
     scale = budget / max(factor_params, 1)
@@ -71,7 +86,10 @@ def proportional_ranks(
 
 
 def truncate_model(model: nn.Module, ranks: dict[str, int]) -> dict[str, float]:
-    """Replace each named LowRankLinear by its truncation (in place); relative errors by name."""
+    """Replace each named LowRankLinear by its truncation (in place); relative errors by name.
+
+    A SparseLowRankLinear keeps its sparse residual unchanged: only its low-rank part is cut
+    (the error reported is that part's, in the weight metric)."""
     errors = {}
     for name, rank in ranks.items():
         module = model.get_submodule(name)
@@ -79,5 +97,6 @@ def truncate_model(model: nn.Module, ranks: dict[str, int]) -> dict[str, float]:
             module.left.detach(), module.right.detach(), rank
         )
         bias = module.bias.detach() if module.bias is not None else None
-        set_module(model, name, LowRankLinear.from_factors(left, right, bias))
+        sparse = module.csr() if isinstance(module, SparseLowRankLinear) else None
+        set_module(model, name, factored_layer(left, right, sparse, bias))
     return errors

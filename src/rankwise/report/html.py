@@ -11,56 +11,16 @@ from __future__ import annotations
 import html
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from rankwise.core.atomic import atomic_directory
-from rankwise.core.errors import ModelNotFoundError, RankwiseError
+from rankwise.core.errors import RankwiseError
 from rankwise.report import plots
+from rankwise.report.runs import Run, read_run
 from rankwise.report.spectra import dense_spectra, run_spectra, select_layers
-from rankwise.report.tables import fmt_ppl, human_bytes
-from rankwise.storage.saved import EVAL_FILE, directory_bytes, is_compressed_dir
-
-
-@dataclass
-class Run:
-    """One compressed directory, as the report sees it."""
-
-    directory: Path
-    label: str
-    block: dict  # config.json's rankwise block
-    bytes: int
-    # {"perplexity": {stream: ppl}, "accuracy": {task: acc}, "windows": n}, each optional
-    figures: dict = field(default_factory=dict)
-
-    @property
-    def measured(self) -> bool:
-        return bool(self.figures.get("perplexity") or self.figures.get("accuracy"))
-
-    @property
-    def targets(self) -> dict[str, dict]:
-        """Per-layer {out, in, rank, rel_error, ...} in model order (same source as inspect)."""
-        return {t["name"]: t for t in self.block.get("targets", [])} or self.block.get("layers", {})
-
-    def kept(self) -> dict[str, float]:
-        """Fraction of each targeted layer's parameters kept (1 where it stayed dense)."""
-        kept = {}
-        for name, layer in self.targets.items():
-            out_f, in_f, rank = int(layer["out"]), int(layer["in"]), layer.get("rank")
-            kept[name] = 1.0 if rank is None else int(rank) * (out_f + in_f) / (out_f * in_f)
-        return kept
-
-
-def read_run(directory: Path, label: str) -> Run:
-    if not directory.is_dir():
-        raise ModelNotFoundError(f"report: no such directory: {directory}")
-    if not is_compressed_dir(directory):
-        raise ModelNotFoundError(f"report: not a rankwise model directory: {directory}")
-    block = json.loads((directory / "config.json").read_text())["rankwise"]
-    stored = directory / EVAL_FILE
-    figures = json.loads(stored.read_text()) if stored.is_file() else {}
-    return Run(directory, label, block, directory_bytes(directory), figures)
+from rankwise.report.tables import fmt_ppl, human_bytes, rank_text
 
 
 def read_runs(directories: list[Path]) -> list[Run]:
@@ -125,9 +85,9 @@ def quality_points(runs: list[Run], others: list[dict]) -> list[plots.QualityPoi
     for run in runs:
         if run.measured:
             windows = run.figures.get("windows")
-            group = f"{run.block.get('method')}, {run.block.get('allocation', 'uniform')}"
+            group = f"{run.manifest.method}, {run.manifest.allocation}"
             group += f", {windows} windows" if windows else ""
-            ratio = float(run.block.get("targeted_ratio") or 0.0)
+            ratio = run.manifest.targeted_ratio
             points.append(point(run.label, group, ratio, run.figures))
     for row in with_dense(runs, others):
         ratio = float(row.get("targeted_ratio") or 0.0)
@@ -235,9 +195,9 @@ def quality_picture(runs: list[Run], others: list[dict]) -> Picture | None:
 
 def size_picture(runs: list[Run]) -> Picture:
     labels = [run.label for run in runs]
-    params = [int(run.block.get("model_params_after") or 0) for run in runs]
+    params = [run.manifest.model_params_after for run in runs]
     sizes = [run.bytes for run in runs]
-    dense = int(runs[0].block.get("model_params_before") or 0)
+    dense = runs[0].manifest.model_params_before
     if dense:
         labels, params, sizes = ["dense (fp32)"] + labels, [dense] + params, [4 * dense] + sizes
     return Picture(
@@ -292,12 +252,12 @@ def summary_html(
     lines = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head + ["windows"])]
     for run in runs:
         cells = [
-            run.block.get("method", "?"),
-            run.block.get("allocation", "-"),
-            _pct(run.block.get("ratio")),
-            _pct(run.block.get("targeted_ratio")),
-            _pct(run.block.get("model_ratio")),
-            f"{int(run.block.get('model_params_after') or 0):,}",
+            run.manifest.method,
+            run.manifest.allocation,
+            _pct(run.manifest.ratio),
+            _pct(run.manifest.targeted_ratio),
+            _pct(run.manifest.model_ratio),
+            f"{run.manifest.model_params_after:,}",
             human_bytes(run.bytes),
         ]
         lines.append(
@@ -315,12 +275,12 @@ def summary_html(
 def layers_html(run: Run) -> str:
     head = "".join(f"<th>{h}</th>" for h in ("shape", "rank", "kept", "rel. error"))
     rows = []
-    for (name, layer), kept in zip(run.targets.items(), run.kept().values(), strict=True):
-        error = layer.get("rel_error")
+    for name, layer in run.targets.items():
+        error = layer.rel_error
         cells = [
-            f"{layer['out']}x{layer['in']}",
-            layer.get("rank") or "dense",
-            f"{kept:.1%}",
+            f"{layer.out_features}x{layer.in_features}",
+            rank_text(layer.rank, layer.nnz),
+            f"{layer.count.kept_fraction:.1%}",
             "-" if error is None else f"{float(error):.4f}",
         ]
         rows.append(

@@ -6,17 +6,14 @@ The factors' product is never formed: a (rank, rank) SVD gives its spectrum exac
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
 from rankwise.recovery.truncate import product_core
+from rankwise.report.runs import Run
 from rankwise.storage.saved import WEIGHTS
-
-if TYPE_CHECKING:
-    from rankwise.report.html import Run
 
 SPECTRA_LAYERS = 4
 
@@ -30,7 +27,7 @@ def factor_spectrum(left: torch.Tensor, right: torch.Tensor) -> np.ndarray:
 
 def select_layers(run: Run, count: int = SPECTRA_LAYERS) -> list[str]:
     """A few telling layers: the first, the most compressed, the median, the least, the last."""
-    kept = {n: f for n, f in run.kept().items() if run.targets[n].get("rank") is not None}
+    kept = {n: f for n, f in run.kept().items() if run.targets[n].factorized}
     if not kept:
         return []
     names = list(kept)
@@ -55,7 +52,7 @@ def dense_weights_file(run: Run) -> Path | None:
     """The source model's safetensors, where it can still be found (bundled cache or a dir)."""
     from rankwise.storage.sources import BUNDLED, cache_dir
 
-    source = str(run.block.get("source_model", ""))
+    source = run.manifest.source_model or ""
     if source in BUNDLED:
         candidates = [cache_dir() / BUNDLED[source][0] / WEIGHTS]
     else:
@@ -75,7 +72,7 @@ def dense_spectra(runs: list[Run], layers: list[str]) -> dict[str, np.ndarray]:
         for layer in (name for name in layers if f"{name}.weight" in keys):
             target = next(run.targets[layer] for run in runs if layer in run.targets)
             shape = tuple(weights.get_slice(f"{layer}.weight").get_shape())
-            if sorted(shape) != sorted((int(target["out"]), int(target["in"]))):
+            if sorted(shape) != sorted((target.out_features, target.in_features)):
                 continue
             weight = weights.get_tensor(f"{layer}.weight")  # (out, in), GPT-2's (in, out)
             spectra[layer] = torch.linalg.svdvals(weight.double()).numpy()

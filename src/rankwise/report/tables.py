@@ -7,6 +7,9 @@ from pathlib import PurePath
 from rich.markup import escape
 from rich.table import Table
 
+from rankwise.model.accounting import targeted_totals
+from rankwise.storage.manifest import LayerEntry
+
 
 def human_bytes(count: float) -> str:
     """Decimal units (1 MB = 10^6 bytes), as the bench tables use."""
@@ -52,31 +55,29 @@ def rank_text(rank: object, nnz: object) -> str:
     return f"{rank} +{nnz} nz" if nnz else str(rank)
 
 
-def layer_table(layers: dict[str, dict[str, object]]) -> Table:
+def layer_table(layers: list[LayerEntry]) -> Table:
     """Per-layer: name, shape, rank, kept %, relative error in the method's metric, and (for
-    importance allocation) the estimated loss increase; then the totals."""
-    estimated = any(layer.get("est_loss") is not None for layer in layers.values())
+    importance allocation) the estimated loss increase; then the totals. Kept parameters come
+    from model/accounting.py, sparse residuals' values and indices included."""
+    estimated = any(layer.est_loss is not None for layer in layers)
     table = Table(title="layers", show_footer=True)
     columns = ["layer", "shape", "rank", "kept", "rel. error"] + ["est. loss"] * estimated
     for column in columns:
         table.add_column(column, justify="left" if column == "layer" else "right")
-    dense_total = kept_total = 0
-    loss_total = 0.0
-    for name, layer in layers.items():
-        out_f, in_f, rank = int(layer["out"]), int(layer["in"]), layer.get("rank")
-        kept_params = out_f * in_f if rank is None else int(rank) * (out_f + in_f)
-        kept_params = int(layer.get("kept_params") or kept_params)  # sparse: values + indices
-        dense_total, kept_total = dense_total + out_f * in_f, kept_total + kept_params
-        error, loss = layer.get("rel_error"), layer.get("est_loss")
-        loss_total += float(loss or 0.0)
+    for layer in layers:
+        error, loss = layer.rel_error, layer.est_loss
+        if error is None and layer.truncation_error is not None:
+            error = layer.truncation_error
         row = [
-            name,
-            f"{out_f}x{in_f}",
-            rank_text(rank, layer.get("nnz")),
-            f"{kept_params / (out_f * in_f):.1%}",
+            layer.name,
+            f"{layer.out_features}x{layer.in_features}",
+            rank_text(layer.rank, layer.nnz),
+            f"{layer.count.kept_fraction:.1%}",
             "-" if error is None else f"{float(error):.4f}",
         ] + (["-" if loss is None else f"{float(loss):.3g}"] * estimated)
         table.add_row(*row)
+    dense_total, kept_total = targeted_totals(layer.count for layer in layers)
+    loss_total = sum(float(layer.est_loss or 0.0) for layer in layers)
     footer = [
         f"total ({len(layers)} layers)",
         f"{dense_total:,} params",

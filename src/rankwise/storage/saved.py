@@ -1,7 +1,7 @@
 """Save and load compressed models as normal Hugging Face directories.
 
-Layout: `config.json` (with a `rankwise` block: method, per-module ranks and shapes, ratios,
-version), `model.safetensors` holding the factors, tokenizer files, `recipe.yaml`.
+Layout: `config.json` (with a `rankwise` block, owned by storage/manifest.py), `model.safetensors`
+holding the factors, tokenizer files, `recipe.yaml` (docs/saved-format.md).
 The directory is written to a temporary sibling and renamed when complete, so an interrupted run
 never leaves half a model. Loading builds the architecture from the config (no remote code),
 swaps in LowRankLinear where the block says, and loads the safetensors: no pickles anywhere.
@@ -17,13 +17,14 @@ from torch import nn
 
 from rankwise.core.atomic import atomic_directory
 from rankwise.core.errors import ModelNotFoundError, OutputExistsError, OutputNotWritableError
+from rankwise.core.hardware import machine_line
 from rankwise.model.files import check_weights, read_config
 from rankwise.model.layers import LowRankLinear, SparseLowRankLinear
 from rankwise.model.loading import Loaded, load_tokenizer, model_class_for
 from rankwise.model.modules import set_module, state_for_saving
-from rankwise.storage.merge import apply_merge_policy, apply_stored_decision
+from rankwise.storage.manifest import FORMAT_VERSION, LayerEntry, Manifest, MergeDecision
+from rankwise.storage.merge import apply_merge_policy, apply_stored_decision, merge_decision
 
-FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 EVAL_FILE = "eval.json"  # figures `rankwise eval DIR` stores next to the model, for the report
 
@@ -45,46 +46,52 @@ def check_output(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def rankwise_block(model: nn.Module) -> dict[str, object]:
-    return dict(getattr(model.config, "rankwise", None) or {})
+def current_entries(model: nn.Module, entries: list[LayerEntry]) -> list[LayerEntry]:
+    """The entries as the model's modules are now: rank, sparse nonzeros and bias are read from
+    each targeted module, so a saved manifest can never disagree with the saved tensors."""
+    current = []
+    for entry in entries:
+        module = model.get_submodule(entry.name)
+        if isinstance(module, LowRankLinear):
+            nnz = module.nnz if isinstance(module, SparseLowRankLinear) else 0
+            update = {"rank": module.rank, "nnz": nnz, "bias": module.bias is not None}
+        else:
+            update = {"rank": None, "nnz": 0, "bias": getattr(module, "bias", None) is not None}
+        current.append(entry.model_copy(update=update))
+    return current
 
 
-def low_rank_layers(model: nn.Module) -> dict[str, dict[str, int | bool]]:
-    """Per factorized module: rank, shape, bias, and `nnz` when it holds a sparse residual."""
-    return {
-        name: {
-            "rank": m.rank,
-            "in": m.in_features,
-            "out": m.out_features,
-            "bias": m.bias is not None,
-            **({"nnz": m.nnz} if isinstance(m, SparseLowRankLinear) else {}),
-        }
-        for name, m in model.named_modules()
-        if isinstance(m, LowRankLinear)
-    }
-
-
-def layer_from_block(layer: dict[str, int | bool]) -> LowRankLinear:
-    """An empty LowRankLinear (or SparseLowRankLinear) shaped as config.json records it."""
-    shape = (layer["in"], layer["out"], layer["rank"])
-    if "nnz" in layer:
-        return SparseLowRankLinear(*shape, layer["nnz"], bias=layer["bias"])
-    return LowRankLinear(*shape, bias=layer["bias"])
+def layer_from_entry(entry: LayerEntry) -> LowRankLinear:
+    """An empty LowRankLinear (or SparseLowRankLinear) shaped as the manifest records it."""
+    shape = (entry.in_features, entry.out_features, int(entry.rank or 0))
+    if entry.nnz:
+        return SparseLowRankLinear(*shape, entry.nnz, bias=entry.bias)
+    return LowRankLinear(*shape, bias=entry.bias)
 
 
 def save_compressed(
     model: nn.Module,
     out: str | Path,
+    manifest: Manifest,
     tokenizer: object | None = None,
     recipe_yaml: str | None = None,
-    info: dict[str, object] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write the model to `out` atomically; `info` goes into config.json's rankwise block."""
+    """Write the model and its manifest to `out` atomically.
+
+    The manifest's layers are re-read from the model's modules, and the merge decision is made
+    here, once, for every `rankwise.load` of the directory (storage/merge.py)."""
     out = check_output(out, overwrite)
+    decision = merge_decision(model, manifest.merge_policy, machine_line())
+    manifest = manifest.model_copy(
+        update={
+            "layers": current_entries(model, manifest.layers),
+            "merge": MergeDecision(**decision),
+            "version": FORMAT_VERSION,
+        }
+    )
     with atomic_directory(out) as tmp:
-        block = {"version": FORMAT_VERSION, **(info or {}), "layers": low_rank_layers(model)}
-        model.config.rankwise = block
+        model.config.rankwise = manifest.to_block()
         model.config.save_pretrained(tmp)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and getattr(model, "can_generate", lambda: False)():
@@ -122,12 +129,13 @@ def load_compressed(path: str | Path, merge_policy: str | None = "never") -> Loa
     block = getattr(config, "rankwise", None)
     if not block:
         raise ModelNotFoundError(f"{path} has no rankwise block in config.json")
+    manifest = Manifest.from_block(block)
     model_cls = model_class_for(config)
     model = (
         model_cls.from_config(config) if hasattr(model_cls, "from_config") else model_cls(config)
     )
-    for name, layer in block.get("layers", {}).items():
-        set_module(model, name, layer_from_block(layer))
+    for name, entry in manifest.factorized().items():
+        set_module(model, name, layer_from_entry(entry))
     state = load_file(str(path / WEIGHTS))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = _tied_keys(model)
@@ -141,7 +149,7 @@ def load_compressed(path: str | Path, merge_policy: str | None = "never") -> Loa
         model.tie_weights()
     model = model.float().eval()
     if merge_policy is None:
-        apply_stored_decision(model, block.get("merge"))
+        apply_stored_decision(model, manifest.merge.model_dump() if manifest.merge else None)
     else:
         apply_merge_policy(model, merge_policy)
     return Loaded(model, load_tokenizer(path), str(path))
