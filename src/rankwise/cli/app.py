@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from rankwise.cli import output
 from rankwise.core.errors import RankwiseError
 from rankwise.core.recipe import Recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
-err_console = Console(stderr=True)
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -148,8 +146,8 @@ def tasks_cmd(
     if path:
         print(include_path())
         return
-    console.print(f"tasks: {', '.join(TASKS)} (tag 'rankwise': all)", highlight=False)
-    console.print(f"include path: {include_path()}", highlight=False, soft_wrap=True)
+    output.stdout().print(f"tasks: {', '.join(TASKS)} (tag 'rankwise': all)", highlight=False)
+    output.stdout().print(f"include path: {include_path()}", highlight=False, soft_wrap=True)
 
 
 @app.command("recover")
@@ -298,10 +296,10 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except RankwiseError as err:
-        err_console.print(f"error: {err}", highlight=False, markup=False, soft_wrap=True)
+        output.stderr().print(f"error: {err}", highlight=False, markup=False, soft_wrap=True)
         raise SystemExit(2) from None
     except (typer.Abort, KeyboardInterrupt):
-        err_console.print("interrupted: nothing was written")
+        output.stderr().print("interrupted: nothing was written")
         raise SystemExit(130) from None
     except Exception as err:  # click usage errors carry their own exit code
         import click

@@ -7,9 +7,8 @@ import json
 import time
 from pathlib import Path
 
-from rich.console import Console
-
 from rankwise.analysis.features import FeatureOptions
+from rankwise.cli import output
 from rankwise.cli.recover import recover_model
 from rankwise.cli.tasks import run_encoder_eval, size_row
 from rankwise.core.atomic import atomic_write_text
@@ -27,8 +26,6 @@ from rankwise.report.tables import layer_table, summary_table
 from rankwise.storage.manifest import Manifest
 from rankwise.storage.saved import EVAL_FILE, check_output, directory_bytes, is_compressed_dir
 from rankwise.storage.sources import BUNDLED, cache_dir, load_model
-
-console = Console()
 
 
 def eval_token_windows(loaded: Loaded, streams: list[str], windows: int) -> dict:
@@ -159,10 +156,10 @@ def run_compress(
             "recovery": result.recovery,
         },
     }
-    console.print(
+    output.stdout().print(
         summary_table([figures["dense"], figures["compressed"]], streams if with_eval else [])
     )
-    console.print(f"saved to {saved}")
+    output.stdout().print(f"saved to {saved}")
     if encoder_eval:
         figures["encoder"] = run_encoder_eval(load_model(str(saved)), str(saved), recipe.model)
     if with_eval:
@@ -196,7 +193,7 @@ def run_eval(
     row = {**size_row(loaded, spec), "perplexity": ppl, "windows": windows}
     if store and is_compressed_dir(spec):
         store_eval(Path(spec), row, reporter)
-    console.print(summary_table([row], streams))
+    output.stdout().print(summary_table([row], streams))
     return row
 
 
@@ -204,8 +201,8 @@ def run_inspect(directory: Path) -> None:
     if not is_compressed_dir(directory):
         raise RankwiseError(f"not a rankwise model directory: {directory}")
     manifest = Manifest.read(directory)
-    console.print(layer_table(manifest.layers))
-    console.print(
+    output.stdout().print(layer_table(manifest.layers))
+    output.stdout().print(
         f"method {manifest.method}, requested ratio {manifest.ratio}, "
         f"targeted removed {manifest.targeted_ratio:.2%}, "
         f"model removed {manifest.model_ratio:.2%}"
@@ -233,7 +230,7 @@ def run_report(
             )
             run.figures = row
     index = html.write_report(runs, out, others, layers)
-    console.print(f"report written to {index}")
+    output.stdout().print(f"report written to {index}")
     return index
 
 
@@ -249,8 +246,8 @@ def run_bench(spec: str, vs: str, options: BenchOptions) -> dict[str, object]:
     table = Table(*header, title=title)
     for row in rows:
         table.add_row(*row)
-    console.print(table)
-    console.print(
+    output.stdout().print(table)
+    output.stdout().print(
         f"merge policy {options.merge_policy}: {len(figures['merged_layers'])} layers merged, "
         f"{figures['factorized_layers']} factorized ({figures['policy_seconds']:.1f}s)"
     )
@@ -282,5 +279,5 @@ def run_features(
         figures = analyse(loaded.model, loaded.tokenizer, windows, options, other)
         advance(1)
     figures.update(model=spec, vs=vs, text=text)
-    console.print(feature_table(figures))
+    output.stdout().print(feature_table(figures))
     return figures

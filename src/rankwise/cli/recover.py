@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
-
+from rankwise.cli import output
 from rankwise.core.errors import RankwiseError
 from rankwise.core.progress import Reporter, cli_reporter
 from rankwise.core.recipe import Recipe, check_ratio
@@ -22,8 +21,6 @@ from rankwise.recovery.truncate import fixed_params, proportional_ranks, truncat
 from rankwise.storage.manifest import Manifest
 from rankwise.storage.saved import check_output, save_compressed
 from rankwise.storage.sources import load_model
-
-console = Console()
 
 
 def saved_recipe(directory: str | Path) -> Recipe:
@@ -105,7 +102,7 @@ def run_recover(
     saved = save_compressed(
         student.model, out, manifest, student.tokenizer, recipe.to_yaml(), overwrite
     )
-    console.print(f"saved to {saved}")
+    output.stdout().print(f"saved to {saved}")
     return recovery
 
 
@@ -155,7 +152,7 @@ def run_truncate(
     )
     recipe_yaml = saved_recipe(directory).merged(ratio=ratio).to_yaml()
     saved = save_compressed(loaded.model, out, manifest, loaded.tokenizer, recipe_yaml, overwrite)
-    console.print(
+    output.stdout().print(
         f"targeted removed {manifest.truncated_from:.2%} -> {manifest.targeted_ratio:.2%}; "
         f"saved to {saved}"
     )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from rankwise.cli import output
 from rankwise.core.errors import ModelNotFoundError
 from rankwise.core.progress import cli_reporter
 from rankwise.evaluation.encoder import EncoderTexts, encoder_figures, is_encoder
@@ -16,8 +16,6 @@ from rankwise.report.tables import human_bytes
 from rankwise.storage.manifest import Manifest
 from rankwise.storage.saved import directory_bytes, is_compressed_dir
 from rankwise.storage.sources import BUNDLED, load_model
-
-console = Console()
 
 
 def size_row(loaded: Loaded, spec: str) -> dict[str, object]:
@@ -59,7 +57,7 @@ def run_task_eval(
     metrics = results.metrics()
     for task, values in metrics.items():
         shown = ", ".join(f"{name} {value:.4f}" for name, value in values.items())
-        console.print(f"{task}: {shown}", highlight=False)
+        output.stdout().print(f"{task}: {shown}", highlight=False)
     row = size_row(loaded, spec)
     row.update(
         {"tasks": metrics, "limit": limit, "num_fewshot": num_fewshot, "lm_eval": results.results}
@@ -99,7 +97,7 @@ def run_encoder_eval(
     figures = encoder_figures(loaded.model, loaded.tokenizer, texts, reference_model)
     row.update(figures)
     row["reference"] = original or spec
-    console.print(encoder_table([row]))
+    output.stdout().print(encoder_table([row]))
     return row
 
 

@@ -321,11 +321,21 @@ def select_workloads(names: list[str] | None) -> tuple[Workload, ...]:
 
 def bench(spec: str, vs: str = "default", options: BenchOptions | None = None) -> dict[str, object]:
     """Everything `rankwise bench` reports, as plain data (JSON-ready)."""
-    from rankwise.storage.merge import apply_merge_policy, check_policy
+    from rankwise.storage.merge import check_policy
 
     opts = options or BenchOptions()
     check_policy(opts.merge_policy)
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(opts.threads)
+    try:
+        return _bench(spec, vs, opts)
+    finally:
+        torch.set_num_threads(threads_before)  # the caller's process is left as it was
+
+
+def _bench(spec: str, vs: str, opts: BenchOptions) -> dict[str, object]:
+    from rankwise.storage.merge import apply_merge_policy
+
     memory_mb = (
         {
             "model": peak_memory(spec, opts.merge_policy, opts.threads, opts.workloads),

@@ -27,13 +27,15 @@ def fmt_ppl(value: float | None) -> str:
 
 
 def summary_table(rows: list[dict[str, object]], streams: list[str]) -> Table:
-    """One row per model: params, ratios, bytes, perplexity per stream, seconds."""
+    """One row per model: params, ratios, bytes, perplexity per stream, seconds, peak memory
+    (the process's peak resident size while it compressed)."""
     table = Table(title="rankwise")
     for column in ("model", "params", "targeted removed", "model removed", "bytes"):
         table.add_column(column, justify="right" if column != "model" else "left")
     for stream in streams:
         table.add_column(f"ppl {stream}", justify="right")
     table.add_column("seconds", justify="right")
+    table.add_column("peak memory", justify="right")
     for row in rows:
         ppl = row.get("perplexity", {}) or {}
         table.add_row(
@@ -44,6 +46,7 @@ def summary_table(rows: list[dict[str, object]], streams: list[str]) -> Table:
             human_bytes(row["bytes"]),
             *[fmt_ppl(ppl.get(s)) for s in streams],
             f"{row['seconds']:.1f}" if row.get("seconds") is not None else "-",
+            human_bytes(row["peak_memory_mb"] * 2**20) if row.get("peak_memory_mb") else "-",
         )
     return table
 
