@@ -282,3 +282,14 @@ def test_loading_twice_gives_the_same_network(compressed_dir: Path) -> None:
     ]
     ids = make_windows(1, 8)
     assert torch.equal(model_output(first, ids), model_output(second, ids))
+
+
+@pytest.mark.parametrize("content", [b"not a gguf at all", b"GGUF\x03\x00\x00\x00" + b"\x00" * 20])
+def test_a_gguf_file_that_is_not_one_or_is_cut_short(
+    content: bytes, in_tmp: Path, monkeypatch, capsys
+) -> None:
+    (in_tmp / "model.gguf").write_bytes(content)
+    code, lines = run_cli(compress_args(in_tmp / "model.gguf"), monkeypatch, capsys)
+    line = one_error(lines)
+    assert code == 2 and "model.gguf" in line
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["model.gguf"]

@@ -13,7 +13,7 @@ import torch
 
 from rankwise.core.errors import CalibrationError, RankwiseError
 from rankwise.methods import REGISTRY, LayerStats, MethodOptions, get_method
-from rankwise.methods.base import split_singular, takes_output_grams
+from rankwise.methods.base import split_singular
 from rankwise.methods.whiten import whitening_basis
 from rankwise.pipeline.compress import relative_error
 
@@ -220,7 +220,7 @@ def test_whiten_from_the_output_gram_equals_whiten_from_the_input_gram(method: s
     torch.testing.assert_close(from_output.spectrum, from_input.spectrum)
     spectrum = get_method("whiten").spectrum(w, LayerStats(output_gram=y.T @ y), OPTIONS)
     torch.testing.assert_close(spectrum, from_input.spectrum)
-    assert takes_output_grams(get_method(method)) == (method == "whiten")
+    assert get_method(method).output_grams == (method == "whiten")
 
 
 def test_whiten_output_side_of_a_zero_gram_is_finite() -> None:

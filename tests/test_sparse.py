@@ -153,7 +153,7 @@ def test_saved_accounting_matches_the_stored_tensors(tmp_path: Path) -> None:
 def test_refinement_error_is_monotone_and_measured(rank: int) -> None:
     w, x = outlier_weight(), inputs()
     factors = factorize("sparse", w, x, rank, sparse_rounds=6)
-    history = factors.extras["history"].tolist()
+    history = list(factors.refinement)
     assert len(history) >= 2  # at least one round kept on this matrix
     assert all(b <= a for a, b in zip(history, history[1:], strict=False)), history
     total = float((w.double() @ x.T).square().sum())

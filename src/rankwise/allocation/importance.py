@@ -26,7 +26,6 @@ from rankwise.calibration.statistics import Progress, Statistics
 from rankwise.core.errors import CalibrationError
 from rankwise.core.recipe import Recipe
 from rankwise.methods import Method, MethodOptions
-from rankwise.methods.base import takes_output_grams
 from rankwise.model.accounting import LayerShape
 from rankwise.model.modules import linear_weight
 
@@ -85,7 +84,7 @@ def spectra_blockwise(
         dtype,
         progress,
         after_block=after_block,
-        output_grams=takes_output_grams(method),
+        output_grams=method.output_grams,
     )
     return spectra
 

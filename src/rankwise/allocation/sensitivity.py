@@ -29,7 +29,6 @@ from rankwise.calibration.blocks import BlockInputs, capture_inputs, find_blocks
 from rankwise.calibration.lm_loss import final_head, sliced_loss
 from rankwise.calibration.statistics import Progress
 from rankwise.methods import LayerStats, Method, MethodOptions
-from rankwise.methods.base import takes_output_grams
 from rankwise.methods.curves import rescale_tails
 from rankwise.model.accounting import LayerShape
 from rankwise.model.layers import factored_layer
@@ -127,7 +126,7 @@ def single_layer_losses(
         dtype,
         progress,
         after_block=after_block,
-        output_grams=takes_output_grams(method),
+        output_grams=method.output_grams,
     )
     return measured
 

@@ -7,7 +7,7 @@ orchestration gathers only those.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -47,9 +47,10 @@ class Factors:
     left: torch.Tensor  # (out, rank)
     right: torch.Tensor  # (rank, in)
     spectrum: torch.Tensor | None = None  # (min(out, in),) singular values in the method's metric
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
     sparse: CSR | None = None  # (out, in) residual added to left @ right
     rel_error: float | None = None
+    # relative error after each refinement round, for methods that refine (sparse); logged
+    refinement: tuple[float, ...] = ()
 
     def approximation(self) -> torch.Tensor:
         """The dense (out, in) matrix the factors (and the sparse residual) represent."""
@@ -60,11 +61,20 @@ class Factors:
 
 
 class Method(Protocol):
+    """What the orchestration may rely on: declared capabilities, and two pure-looking calls.
+
+    A method instance may keep a one-entry cache of what it derived from the last gram it saw
+    (whiten and sparse: the gram's eigendecomposition, shared by gate/up and q/k/v, which read
+    the same gram one after another). The cache is keyed by the gram tensor's identity, so it
+    never changes a result; `get_method` makes a new instance for every run, so it never
+    outlives one.
+    """
+
     name: str
     needs: frozenset[str]  # subset of {"input_gram", "fisher"}
-    # Optional, read through `takes_output_grams`: `output_grams = True` says the method
-    # factorizes a layer narrower out than in from `output_gram` alone, so calibration may
-    # gather that smaller gram instead of the input's.
+    # True: a layer narrower out than in is factorized from `output_gram` alone, so calibration
+    # may gather that smaller gram instead of the input's.
+    output_grams: bool
 
     def factorize(
         self, weight: torch.Tensor, stats: LayerStats, rank: int, options: MethodOptions
@@ -76,10 +86,6 @@ class Method(Protocol):
         """Singular values (min(out, in),) in the method's error metric: truncating to rank r
         costs sum(spectrum[r:]**2) there. Allocation reads every layer's curve from this."""
         ...
-
-
-def takes_output_grams(method: Method) -> bool:
-    return bool(getattr(method, "output_grams", False))
 
 
 def split_singular(

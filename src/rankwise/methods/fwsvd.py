@@ -24,6 +24,7 @@ def row_weights(fisher: torch.Tensor, floor: float) -> torch.Tensor:
 class FWSVD:
     name = "fwsvd"
     needs: frozenset[str] = frozenset({"fisher"})
+    output_grams = False
 
     def factorize(
         self, weight: torch.Tensor, stats: LayerStats, rank: int, options: MethodOptions

@@ -324,5 +324,5 @@ class Sparse(Whiten):
             spectrum=layer.svd[1].float(),
             sparse=sparse,
             rel_error=rel[-1],
-            extras={"history": torch.tensor(rel)},
+            refinement=tuple(rel),
         )

@@ -10,6 +10,7 @@ from rankwise.methods.base import Factors, LayerStats, MethodOptions, split_sing
 class SVD:
     name = "svd"
     needs: frozenset[str] = frozenset()
+    output_grams = False
 
     def factorize(
         self, weight: torch.Tensor, stats: LayerStats, rank: int, options: MethodOptions

@@ -62,12 +62,20 @@ def _drop_gguf_quantization(model: nn.Module) -> None:
 
 
 def load_gguf(path: Path) -> Loaded:
+    """A GGUF file dequantized to fp32; a file that is no GGUF, or one cut short, is named."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    with path.open("rb") as file:
+        if file.read(4) != b"GGUF":
+            raise ModelNotFoundError(f"{path} is not a GGUF file (it does not start with GGUF)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (ValueError, KeyError, OSError, EOFError, IndexError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ModelNotFoundError(f"cannot read {path} as a model: {first[:200]}") from None
     _drop_gguf_quantization(model)
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]

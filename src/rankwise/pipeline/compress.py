@@ -28,7 +28,6 @@ from rankwise.core.hardware import compute_dtype, resolve_dtypes
 from rankwise.core.progress import Reporter, Timer
 from rankwise.core.recipe import Recipe
 from rankwise.methods import Factors, LayerStats, Method, MethodOptions, get_method
-from rankwise.methods.base import takes_output_grams
 from rankwise.model.accounting import LayerCount, LayerShape, count_parameters
 from rankwise.model.layers import factored_layer
 from rankwise.model.modules import as_linear, linear_weight, set_module
@@ -154,8 +153,8 @@ class LayerLoop:
                 error = relative_error(factors.spectrum, rank)
             rank = factors.left.shape[1]  # a sparse residual spends part of the rank's budget
             nnz = factors.sparse.nnz if factors.sparse is not None else 0
-            if "history" in factors.extras:
-                rounds = "  by round " + " ".join(f"{e:.4f}" for e in factors.extras["history"])
+            if factors.refinement:
+                rounds = "  by round " + " ".join(f"{e:.4f}" for e in factors.refinement)
         self.reports[shape.name] = LayerReport(
             shape.name, shape.out_features, shape.in_features, rank, error, nnz=nnz
         )
@@ -222,7 +221,7 @@ def compress(
     else:
         needs = method.needs | ({"output_fisher"} if needs_output_fisher(recipe) else set())
         with timer.phase("calibrate"):
-            narrow = takes_output_grams(method)
+            narrow = method.output_grams
             stats = gather_statistics(
                 model, names, needs, recipe, tokenizer, windows, reporter, narrow
             )
@@ -291,7 +290,7 @@ def compress_blockwise(
             loop(shapes[name], stats[name])
 
     dtype = compute_dtype(recipe.calib_dtype)
-    output_grams = takes_output_grams(loop.method)
+    output_grams = loop.method.output_grams
     if recipe.sequential:
         staged.compress_sequential(
             model, names, windows, dtype, factorize, output_grams, staged=recipe.staged
