@@ -251,3 +251,17 @@ def test_comma_separated_flags() -> None:
     assert _split("") is None
     assert _split(r"q_proj$,k_proj$") == ["q_proj$", "k_proj$"]
     assert _split("a,,b,") == ["a", "b"]
+
+
+def test_every_recipe_field_is_a_flag_or_documented_as_yaml_only() -> None:
+    import typer
+
+    from rankwise.cli.app import YAML_ONLY, app
+
+    command = typer.main.get_command(app).commands["compress"]
+    flags = {param.name for param in command.params}
+    missing = [f for f in Recipe.model_fields if f not in flags and f not in YAML_ONLY]
+    assert missing == []
+    page = (Path(__file__).parents[1] / "docs" / "recipe.md").read_text()
+    assert all(f"| `{field}` |" in page for field in Recipe.model_fields)
+    assert all(f"| `{field}` | YAML only" in page for field in YAML_ONLY)

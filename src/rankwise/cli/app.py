@@ -16,6 +16,10 @@ from rankwise.cli import output
 from rankwise.core.errors import RankwiseError
 from rankwise.core.recipe import Recipe
 
+# Recipe fields with no `compress` flag: lists of objects and recovery's finer settings (the
+# `recover` command has flags for most of those). docs/recipe.md lists every field.
+YAML_ONLY = ("overrides", "recover")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
@@ -59,6 +63,13 @@ def compress_cmd(
         int | None, typer.Option(help="distillation steps after compressing (0: none)")
     ] = None,
     recover_lr: Annotated[float | None, typer.Option(help="recovery peak learning rate")] = None,
+    measure_samples: Annotated[
+        int | None, typer.Option(help="windows each measured-importance pass scores")
+    ] = None,
+    eig_floor: Annotated[
+        float | None, typer.Option(help="whiten: eigenvalue floor, relative to the largest")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed of the run")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted recovery")] = False,
     merge_policy: Annotated[
         str | None, typer.Option(help="at load: auto | never | always (merge to dense)")
@@ -92,6 +103,9 @@ def compress_cmd(
         importance_samples=importance_samples,
         importance_rounds=importance_rounds,
         importance_measure=importance_measure,
+        measure_samples=measure_samples,
+        eig_floor=eig_floor,
+        seed=seed,
         recover={"steps": recover_steps, "lr": recover_lr},
         merge_policy=merge_policy,
     )
