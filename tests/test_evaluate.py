@@ -10,6 +10,7 @@ from conftest import CAUSAL, make_model, make_windows
 
 from rankwise.evaluation import perplexity as evaluate
 from rankwise.report.tables import fmt_ppl, human_bytes, layer_table, summary_table
+from rankwise.storage.manifest import LayerEntry
 
 
 def manual_perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
@@ -93,15 +94,15 @@ def test_tables_have_a_row_per_entry() -> None:
         },
     ]
     assert summary_table(rows, ["bbc"]).row_count == 2
-    layers = {
-        "a": {"out": 4, "in": 8, "rank": 2, "rel_error": 0.1, "est_loss": 0.5},
-        "b": {"out": 4, "in": 8, "rank": None, "rel_error": 0.0, "est_loss": 0.0},
-    }
+    layers = [
+        LayerEntry(name="a", out=4, **{"in": 8}, rank=2, rel_error=0.1, est_loss=0.5),
+        LayerEntry(name="b", out=4, **{"in": 8}, rank=None, rel_error=0.0, est_loss=0.0),
+    ]
     table = layer_table(layers)
     assert table.row_count == 2
     assert list(table.columns[2].cells) == ["2", "dense"]
     assert list(table.columns[3].cells) == ["75.0%", "100.0%"]
     assert list(table.columns[5].cells) == ["0.5", "0"]
     assert table.columns[1].footer == "64 params" and table.columns[3].footer == "87.5%"
-    plain = layer_table({"a": {"out": 4, "in": 8, "rank": 2}})
+    plain = layer_table([LayerEntry(name="a", out=4, **{"in": 8}, rank=2)])
     assert len(plain.columns) == 5  # no estimated-loss column without importance allocation
