@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from rankwise.allocation.plan import (
 from rankwise.calibration import staged
 from rankwise.calibration import statistics as calibrate
 from rankwise.calibration.blocks import in_one_block_list
+from rankwise.calibration.statistics import Statistics
 from rankwise.core.errors import NonFiniteWeightsError
 from rankwise.core.hardware import compute_dtype, resolve_dtypes
 from rankwise.core.progress import Reporter, Timer
@@ -193,52 +195,19 @@ def compress(
     plan = Plan(model, names, shapes, method, recipe, reporter, timer)
     rounds = plan.rounds()
     dense_targets = originals(model, names) if rounds > 1 else {}
-
-    def new_round(round_: int, windows: torch.Tensor) -> dict[str, int | None]:
-        ranks = plan.reallocate(windows, round_)  # Fisher of the model as compressed now
-        restore(model, dense_targets)
-        return ranks
-
-    def factorize_all(
-        ranks: dict[str, int | None], phase: str, run: Callable[[LayerLoop], None]
-    ) -> LayerLoop:
-        with reporter.task("factorizing", total=len(shapes)) as advance, timer.phase(phase):
-            loop = LayerLoop(model, method, recipe, reporter, ranks, advance)
-            run(loop)
-        return loop
-
-    if blockwise_applies(model, names, method, recipe, reporter):
-        windows = resolve_windows(recipe, tokenizer, windows, reporter)
-        ranks = plan.ranks(windows=windows)
-        for round_ in range(1, rounds + 1):
-            ranks = new_round(round_, windows) if round_ > 1 else ranks
-            ranks = plan.measure(windows, ranks) if round_ == rounds else ranks
-            loop = factorize_all(
-                ranks,
-                "calibrate+factorize",
-                lambda loop: compress_blockwise(model, names, shapes, loop, recipe, windows),
-            )
-    else:
-        needs = method.needs | ({"output_fisher"} if needs_output_fisher(recipe) else set())
-        with timer.phase("calibrate"):
-            narrow = method.output_grams
-            stats = gather_statistics(
-                model, names, needs, recipe, tokenizer, windows, reporter, narrow
-            )
-        ranks = plan.ranks(stats=stats)
-
-        def from_stats(loop: LayerLoop) -> None:
-            for name in names:
-                loop(shapes[name], stats.layers[name])
-
-        for round_ in range(1, rounds + 1):
-            if round_ > 1:
-                windows = resolve_windows(recipe, tokenizer, windows, reporter)
-                ranks = new_round(round_, windows)
-            if round_ == rounds and recipe.importance_measure:
-                windows = resolve_windows(recipe, tokenizer, windows, reporter)
-                ranks = plan.measure(windows, ranks)
-            loop = factorize_all(ranks, "factorize", from_stats)
+    run = CalibrationRun(model, names, shapes, method, recipe, tokenizer, windows, reporter, timer)
+    strategy: Strategy = Blockwise(run) if blockwise_applies(run) else FromStatistics(run)
+    ranks = strategy.first_ranks(plan)
+    for round_ in range(1, rounds + 1):  # importance rounds: reallocate, then compress again
+        if round_ > 1:
+            ranks = plan.reallocate(run.token_windows(), round_)  # Fisher of the model as is
+            restore(model, dense_targets)
+        if round_ == rounds and recipe.importance_measure:
+            ranks = plan.measure(run.token_windows(), ranks)
+        with reporter.task("factorizing", total=len(shapes)) as advance:
+            with timer.phase(strategy.phase):
+                loop = LayerLoop(model, method, recipe, reporter, ranks, advance)
+                strategy.factorize(loop)
 
     reports = [loop.reports[n] for n in names]
     dense, _ = targeted_params(list(shapes.values()), ranks)
@@ -254,15 +223,20 @@ def compress(
     )
 
 
-def blockwise_applies(
-    model: nn.Module, names: list[str], method: Method, recipe: Recipe, reporter: Reporter
-) -> bool:
+def blockwise_applies(run: CalibrationRun) -> bool:
     """Whether each block is factorized as soon as its grams are complete.
 
     Sequential calibration needs it. A one-pass run takes it too when nothing needs every
     layer's statistics first (uniform ranks, grams only, no statistics file to write): memory
     then holds one block's grams instead of all of them (SmolLM2: 0.8 GB of float64).
     """
+    model, names, method, recipe, reporter = (
+        run.model,
+        run.names,
+        run.method,
+        run.recipe,
+        run.reporter,
+    )
     if recipe.stats or "input_gram" not in method.needs:
         return False
     if not recipe.sequential and (recipe.allocation != "uniform" or method.needs != {"input_gram"}):
@@ -300,3 +274,75 @@ def compress_blockwise(
     calibrate.collect_grams(
         model, names, windows, dtype, after_block=factorize, output_grams=output_grams
     )
+
+
+@dataclass
+class CalibrationRun:
+    """What every calibration pass of one compression needs, carried together."""
+
+    model: nn.Module
+    names: list[str]
+    shapes: dict[str, LayerShape]
+    method: Method
+    recipe: Recipe
+    tokenizer: object | None
+    windows: torch.Tensor | None  # (count, seq_len) token ids; cut from the recipe's text if None
+    reporter: Reporter
+    timer: Timer
+
+    def token_windows(self) -> torch.Tensor:
+        """The calibration windows, cut from the text the first time they are needed."""
+        self.windows = resolve_windows(self.recipe, self.tokenizer, self.windows, self.reporter)
+        return self.windows
+
+
+class Strategy(Protocol):
+    """How one compression gathers statistics and factorizes: ranks first, then every layer."""
+
+    phase: str
+
+    def first_ranks(self, plan: Plan) -> dict[str, int | None]: ...
+
+    def factorize(self, loop: LayerLoop) -> None: ...
+
+
+class Blockwise:
+    """Each block factorized as soon as its statistics are complete (sequential by default)."""
+
+    phase = "calibrate+factorize"
+
+    def __init__(self, run: CalibrationRun) -> None:
+        self.run = run
+
+    def first_ranks(self, plan: Plan) -> dict[str, int | None]:
+        return plan.ranks(windows=self.run.token_windows())
+
+    def factorize(self, loop: LayerLoop) -> None:
+        run = self.run
+        compress_blockwise(run.model, run.names, run.shapes, loop, run.recipe, run.token_windows())
+
+
+class FromStatistics:
+    """Every layer's statistics gathered first (or read from a statistics file), then factorized:
+    one pass, for methods and allocations that need all statistics before any rank."""
+
+    phase = "factorize"
+
+    def __init__(self, run: CalibrationRun) -> None:
+        self.run = run
+        self.stats: Statistics | None = None
+
+    def first_ranks(self, plan: Plan) -> dict[str, int | None]:
+        run = self.run
+        fisher = {"output_fisher"} if needs_output_fisher(run.recipe) else set()
+        with run.timer.phase("calibrate"):
+            self.stats = gather_statistics(
+                run.model, run.names, run.method.needs | fisher, run.recipe, run.tokenizer,
+                run.windows, run.reporter, run.method.output_grams,
+            )  # fmt: skip
+        return plan.ranks(stats=self.stats)
+
+    def factorize(self, loop: LayerLoop) -> None:
+        assert self.stats is not None, "first_ranks gathers the statistics"
+        for name in self.run.names:
+            loop(self.run.shapes[name], self.stats.layers[name])
