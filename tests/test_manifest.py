@@ -73,3 +73,10 @@ def test_a_directory_without_a_manifest_is_named(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelNotFoundError, match="not a rankwise model directory"):
         Manifest.read(tmp_path)
+
+
+def test_the_manifest_keeps_recovery_without_its_per_step_losses() -> None:
+    block = Manifest.read(V1).to_block()
+    recovery = {"steps": 3, "seconds": 1.0, "losses": [3.0, 2.0, 1.0]}
+    manifest = Manifest.from_block({**block, "recovery": recovery})
+    assert manifest.recovery == {"steps": 3, "seconds": 1.0}

@@ -39,7 +39,9 @@ def compress_cmd(
     calib: Annotated[str | None, typer.Option(help="bbc | wiki | FILE.txt | FILE.jsonl")] = None,
     samples: Annotated[int | None, typer.Option(help="calibration windows")] = None,
     seq_len: Annotated[int | None, typer.Option(help="tokens per window")] = None,
-    calib_dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16")] = None,
+    calib_dtype: Annotated[
+        str | None, typer.Option(help="auto (bf16 only where native) | float32 | bfloat16")
+    ] = None,
     sequential: Annotated[bool | None, typer.Option("--sequential/--no-sequential")] = None,
     staged: Annotated[
         bool | None,
@@ -72,7 +74,7 @@ def compress_cmd(
     seed: Annotated[int | None, typer.Option(help="random seed of the run")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted recovery")] = False,
     merge_policy: Annotated[
-        str | None, typer.Option(help="at load: auto | never | always (merge to dense)")
+        str | None, typer.Option(help="decided at save: auto | never | always (merge to dense)")
     ] = None,
     recipe: Annotated[Path | None, typer.Option(help="recipe YAML; flags override it")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,

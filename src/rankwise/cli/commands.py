@@ -20,6 +20,7 @@ from rankwise.evaluation import perplexity as evaluate
 from rankwise.evaluation.encoder import is_encoder
 from rankwise.evaluation.speed import BenchOptions
 from rankwise.methods import get_method
+from rankwise.model.accounting import fp32_bytes
 from rankwise.model.loading import Loaded
 from rankwise.pipeline.compress import compress
 from rankwise.report.tables import layer_table, summary_table
@@ -76,10 +77,6 @@ def peak_memory_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _bytes_fp32(params: int) -> int:
-    return params * 4
 
 
 def check_before_loading(recipe: Recipe) -> None:
@@ -139,7 +136,7 @@ def run_compress(
         "dense": {
             "name": "dense",
             "params": result.model_params_before,
-            "bytes": _bytes_fp32(result.model_params_before),
+            "bytes": fp32_bytes(result.model_params_before),
             "perplexity": dense_ppl,
         },
         "compressed": {

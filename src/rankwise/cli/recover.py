@@ -96,9 +96,7 @@ def run_recover(
     recovery = recover_model(
         student.model, teacher, recipe, student.tokenizer, out, resume, reporter
     )
-    manifest = manifest.model_copy(
-        update={"recovery": {k: v for k, v in recovery.items() if k != "losses"}}
-    )
+    manifest = Manifest.model_validate({**manifest.model_dump(), "recovery": recovery})
     saved = save_compressed(
         student.model, out, manifest, student.tokenizer, recipe.to_yaml(), overwrite
     )

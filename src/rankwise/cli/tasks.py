@@ -10,7 +10,7 @@ from rankwise.cli import output
 from rankwise.core.errors import ModelNotFoundError
 from rankwise.core.progress import cli_reporter
 from rankwise.evaluation.encoder import EncoderTexts, encoder_figures, is_encoder
-from rankwise.model.accounting import count_parameters
+from rankwise.model.accounting import count_parameters, fp32_bytes
 from rankwise.model.loading import Loaded
 from rankwise.report.tables import human_bytes
 from rankwise.storage.manifest import Manifest
@@ -23,7 +23,7 @@ def size_row(loaded: Loaded, spec: str) -> dict[str, object]:
     compressed directory its manifest's ratios and source model."""
     params = count_parameters(loaded.model)
     path = Path(spec)
-    on_disk = directory_bytes(path) if path.is_dir() else params * 4
+    on_disk = directory_bytes(path) if path.is_dir() else fp32_bytes(params)
     row: dict[str, object] = {"name": spec, "params": params, "bytes": on_disk}
     if path.is_dir() and is_compressed_dir(path):
         manifest = Manifest.read(path)

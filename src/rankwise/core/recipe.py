@@ -112,8 +112,9 @@ class Recipe(BaseModel):
     importance_measure: int = Field(default=0, ge=0, le=3)
     measure_samples: int = Field(default=4, ge=1)
     recover: RecoverConfig = Field(default_factory=RecoverConfig)
-    # at load time: keep a layer factorized only where that is faster on the loading machine
-    # ("auto", measured), always ("never" merge), or run everything dense ("always")
+    # decided when the model is saved and stored with it: keep a layer factorized only where
+    # that is faster on the saving machine ("auto", measured), always ("never" merge), or run
+    # everything dense ("always"); every rankwise.load of the directory applies the decision
     merge_policy: Literal["auto", "never", "always"] = "auto"
     # method options
     eig_floor: float = Field(default=1e-6, gt=0.0, lt=1.0)

@@ -93,5 +93,10 @@ def count_parameters(model: nn.Module) -> int:
     return total
 
 
+def fp32_bytes(params: int) -> int:
+    """Bytes of `params` parameters stored in fp32: a source that is no directory on disk."""
+    return params * 4
+
+
 def model_ratio(params_before: int, params_after: int) -> float:
     return 1.0 - params_after / params_before if params_before else 0.0

@@ -12,7 +12,6 @@ RANKWISE_VERSION = "0.1.0"
 def manifest_of(result: Compressed) -> Manifest:
     """What the saved directory records about the run (storage/manifest.py owns the format)."""
     recipe = result.recipe
-    recovery = result.recovery
     return Manifest(
         method=recipe.method,
         ratio=recipe.ratio,
@@ -26,7 +25,7 @@ def manifest_of(result: Compressed) -> Manifest:
         model_params_before=result.model_params_before,
         model_params_after=result.model_params_after,
         seconds=result.seconds,
-        recovery={k: v for k, v in recovery.items() if k != "losses"} if recovery else None,
+        recovery=result.recovery,
         merge_policy=recipe.merge_policy,
         layers=[
             LayerEntry(

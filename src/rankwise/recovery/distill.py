@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.core.errors import CalibrationError, RankwiseError
-from rankwise.core.hardware import choose_dtype, compute_dtype
+from rankwise.core.hardware import choose_dtype
 from rankwise.core.progress import Reporter
 from rankwise.core.recipe import RecoverConfig
 from rankwise.model.layers import LowRankLinear
@@ -123,7 +123,8 @@ class Distiller:
             betas=(0.9, 0.95),
             weight_decay=config.weight_decay,
         )
-        self.autocast_dtype = compute_dtype(config.dtype)
+        self.dtype_choice = choose_dtype(config.dtype)
+        self.autocast_dtype = self.dtype_choice.dtype
 
     def _teacher_outputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         want_hidden = self.config.hidden_weight > 0
@@ -231,7 +232,7 @@ def recover(
     if teacher is not None:
         teacher.eval()
     distiller = Distiller(student, teacher, config, cache)
-    choice = choose_dtype(config.dtype)
+    choice = distiller.dtype_choice
     reporter.log(f"recovery dtype {choice.name}: {choice.reason}")
     log = RecoverLog()
     if checkpoints is not None:

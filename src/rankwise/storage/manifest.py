@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rankwise.core.errors import ModelNotFoundError
 from rankwise.model.accounting import LayerCount
@@ -74,6 +74,12 @@ class Manifest(BaseModel):
     merge_policy: str = "auto"  # the recipe's
     merge: MergeDecision | None = None
     layers: list[LayerEntry]
+
+    @field_validator("recovery")
+    @classmethod
+    def _summary_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """What distillation did, without its per-step losses (they go to --json, not here)."""
+        return None if value is None else {k: v for k, v in value.items() if k != "losses"}
 
     def factorized(self) -> dict[str, LayerEntry]:
         return {layer.name: layer for layer in self.layers if layer.factorized}

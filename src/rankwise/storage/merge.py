@@ -6,7 +6,9 @@ buffer, and smaller, less efficient products. Near the break-even rank the facto
 slower than the dense one it replaces, and where that happens depends on the hardware and on
 how many tokens go through at once (one token while decoding, hundreds while reading a prompt).
 
-So the decision is measured, once per load: a small cost table is timed on this machine for
+So the decision is measured, once, when a model is saved (`merge_decision`, stored in its
+manifest; `rankwise.load(DIR, merge_policy="auto")` measures again): a small cost table is
+timed on this machine for
 every distinct (out, in) shape at a few ranks and token counts (`measure_costs`), interpolated in
 rank (`CostTable`), and each layer keeps its factors only if they are not slower than the dense
 product at any of the token counts (`keep_factored`, a pure function of the times, so a compressed
