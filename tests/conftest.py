@@ -182,14 +182,16 @@ def saved_targets(directory: str | Path) -> dict[str, dict]:
 
 
 def spy_compressed(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[bool]:
-    """Wrap `owner.name(model, ...)`; each call appends whether `model` held factored layers."""
+    """Wrap `owner.name(model_or_run, ...)`; each call appends whether the model (or the
+    calibration run's model) held factored layers."""
     from rankwise.model.layers import LowRankLinear
 
     seen: list[bool] = []
     real = getattr(owner, name)
 
     def spy(model: nn.Module, *args: object, **kwargs: object) -> object:
-        seen.append(any(isinstance(m, LowRankLinear) for m in model.modules()))
+        modules = getattr(model, "model", model).modules()  # a CalibrationRun carries its model
+        seen.append(any(isinstance(m, LowRankLinear) for m in modules))
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(owner, name, spy)

@@ -117,9 +117,9 @@ def test_second_round_weighs_layers_by_the_compressed_models_fisher(
 ) -> None:
     """Round 2 measures the output Fisher on the model round 1 compressed (factors in place),
     re-allocates, and compresses again from the dense weights, within the same budget."""
-    import rankwise.allocation.plan as plan
+    import rankwise.allocation.estimate as estimate
 
-    seen = spy_compressed(monkeypatch, plan.statistics, "collect_output_fisher")
+    seen = spy_compressed(monkeypatch, estimate.statistics, "collect_output_fisher")
     model = make_model("llama")
     result = importance_run(model, importance_rounds=2, sequential=sequential)
     assert seen[-1] is True  # the last Fisher was measured on a compressed model

@@ -124,7 +124,7 @@ def test_dense_override_keeps_layer_dense_through_save_and_load(tmp_path: Path) 
     assert all(r is not None for n, r in result.ranks.items() if n not in k_names)
     for layer in result.layers:
         if layer.rank is None:
-            assert layer.rel_error == 0.0 and layer.kept_fraction == 1.0
+            assert layer.rel_error == 0.0 and layer.count.kept_fraction == 1.0
 
     expected = model_output(model, IDS)
     out = rankwise.save(result, str(tmp_path / "model"))
@@ -153,7 +153,7 @@ def test_per_layer_ratio_override() -> None:
         layer_ratio = 0.8 if layer.name.endswith("k_proj") else 0.2
         exact = (1 - layer_ratio) * shape.break_even_rank  # the fractional rank asked for
         assert abs(layer.rank - exact) < 1.0, (layer.name, layer.rank, exact)
-        assert 1.0 - layer.kept_fraction == pytest.approx(layer_ratio, abs=0.05)
+        assert 1.0 - layer.count.kept_fraction == pytest.approx(layer_ratio, abs=0.05)
 
 
 class TwoLinears(nn.Module):

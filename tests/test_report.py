@@ -257,5 +257,5 @@ def test_report_and_inspect_agree_on_every_model_kind(method: str, tmp_path: Pat
     table = layer_table(Manifest.read(out).layers)
     inspect_kept = dict(zip(table.columns[0]._cells, table.columns[3]._cells, strict=True))
     assert inspect_kept == {name: f"{kept:.1%}" for name, kept in report_kept.items()}
-    by_result = {layer.name: layer.kept_fraction for layer in result.layers}
+    by_result = {layer.name: layer.count.kept_fraction for layer in result.layers}
     assert report_kept == pytest.approx(by_result)

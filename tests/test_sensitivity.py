@@ -10,8 +10,11 @@ from conftest import make_model, make_windows, spy_compressed
 
 import rankwise
 from rankwise.allocation.sensitivity import TailLoss, calibrated_gains, single_layer_losses
+from rankwise.calibration.run import CalibrationRun
+from rankwise.core.progress import Reporter, Timer
 from rankwise.core.recipe import Recipe
 from rankwise.methods import MethodOptions, get_method
+from rankwise.model.accounting import LayerShape
 from rankwise.model.layers import factored_layer
 from rankwise.model.modules import linear_weight, set_module
 from rankwise.model.targets import find_targets
@@ -36,9 +39,14 @@ def test_single_layer_loss_is_measured_with_that_layer_alone_truncated(method: s
     name = "model.layers.1.mlp.down_proj"
     ranks = {n: 4 for n in names}
 
+    recipe = Recipe(method=method, calib_dtype="float32", importance_samples=8, measure_samples=2)
+    shapes = {n: LayerShape(n, *linear_weight(model.get_submodule(n)).shape) for n in names}
+    both = torch.cat([windows, loss_ids])  # importance windows first, then the measured ones
+    args = (model, names, shapes, get_method(method), recipe, None, both, Reporter(), Timer())
+    run = CalibrationRun(*args)
+
     def measure(**known: set[int]) -> dict[str, tuple[int, float]]:
-        args = (model, names, get_method(method), ranks, windows, loss_ids, torch.float32)
-        return single_layer_losses(*args, MethodOptions(), known=known)
+        return single_layer_losses(run, ranks, known=known)
 
     found = measure()
     assert set(found) == set(names) and all(rank == 4 for rank, _ in found.values())
@@ -83,21 +91,21 @@ def test_a_layer_measured_worse_than_estimated_gets_more_rank(
 ) -> None:
     """The planned ranks are corrected by the measurement: a layer whose truncation costs far
     more than its estimate keeps more rank, within the same budget."""
-    import rankwise.allocation.plan as plan
+    import rankwise.allocation.estimate as estimate
 
     model = make_model("llama")
     recipe = {"calib_dtype": "float32", "allocation": "importance", "ratio": 0.5}
     windows = make_windows(8, 16)
     before = rankwise.compress(copy.deepcopy(model), Recipe(**recipe), windows=windows).ranks
     hurt = "model.layers.1.self_attn.o_proj"
-    real = plan.sensitivity.single_layer_losses
+    real = estimate.sensitivity.single_layer_losses
 
     def inflated(*args: object, **kwargs: object) -> dict:
         found = real(*args, **kwargs)
         rank, loss = found[hurt]
         return {**found, hurt: (rank, abs(loss) * 1e3 + 10.0)}
 
-    monkeypatch.setattr(plan.sensitivity, "single_layer_losses", inflated)
+    monkeypatch.setattr(estimate.sensitivity, "single_layer_losses", inflated)
     result = rankwise.compress(model, Recipe(**recipe, importance_measure=1), windows=windows)
     assert 0.5 <= result.targeted_ratio <= 0.505
     after = result.ranks
@@ -108,9 +116,9 @@ def test_a_layer_measured_worse_than_estimated_gets_more_rank(
 def test_measurement_runs_on_the_dense_model_in_the_last_round(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import rankwise.allocation.plan as plan
+    import rankwise.allocation.estimate as estimate
 
-    seen = spy_compressed(monkeypatch, plan.sensitivity, "single_layer_losses")
+    seen = spy_compressed(monkeypatch, estimate.sensitivity, "single_layer_losses")
     recipe = Recipe(calib_dtype="float32", ratio=0.5, importance_rounds=2, importance_measure=2)
     result = rankwise.compress(make_model("llama"), recipe, windows=make_windows(8, 16))
     assert seen == [False, False]  # two passes, after round 2 put the dense layers back

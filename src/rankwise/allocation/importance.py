@@ -18,14 +18,13 @@ bench/results/allocation.md.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from rankwise.allocation.budget import allocate_importance
 from rankwise.calibration import statistics as calibrate
+from rankwise.calibration.run import CalibrationRun
 from rankwise.calibration.statistics import Progress, Statistics
 from rankwise.core.errors import CalibrationError
 from rankwise.core.recipe import Recipe
-from rankwise.methods import Method, MethodOptions
 from rankwise.model.accounting import LayerShape
 from rankwise.model.modules import linear_weight
 
@@ -48,24 +47,16 @@ def layer_gains(
     return energy * output_fisher.double().mean()
 
 
-def spectra_from_stats(
-    model: nn.Module, names: list[str], method: Method, stats: Statistics, options: MethodOptions
-) -> dict[str, torch.Tensor]:
+def spectra_from_stats(run: CalibrationRun, stats: Statistics) -> dict[str, torch.Tensor]:
     """Each target's spectrum in the method's metric, from statistics already gathered."""
     return {
-        name: method.spectrum(linear_weight(model.get_submodule(name)), stats.layers[name], options)
-        for name in names
+        name: run.method.spectrum(weight_of(run, name), stats.layers[name], run.options)
+        for name in run.names
     }
 
 
 def spectra_blockwise(
-    model: nn.Module,
-    names: list[str],
-    method: Method,
-    windows: torch.Tensor,
-    dtype: torch.dtype,
-    options: MethodOptions,
-    progress: Progress | None = None,
+    run: CalibrationRun, windows: torch.Tensor, progress: Progress | None = None
 ) -> dict[str, torch.Tensor]:
     """Spectra of the dense model, one block at a time: each block's grams are dropped as soon
     as its spectra are known (sequential calibration then recomputes grams on the compressed
@@ -74,36 +65,29 @@ def spectra_blockwise(
 
     def after_block(block_names: list[str], block_stats: dict) -> None:
         for name in block_names:
-            weight = linear_weight(model.get_submodule(name))
-            spectra[name] = method.spectrum(weight, block_stats[name], options)
+            weight = weight_of(run, name)
+            spectra[name] = run.method.spectrum(weight, block_stats[name], run.options)
 
     calibrate.collect_grams(
-        model,
-        names,
+        run.model,
+        run.names,
         windows,
-        dtype,
+        run.dtype,
         progress,
         after_block=after_block,
-        output_grams=method.output_grams,
+        output_grams=run.method.output_grams,
     )
     return spectra
 
 
-def importance_windows(recipe: Recipe, windows: torch.Tensor) -> torch.Tensor:
-    """The first `importance_samples` calibration windows."""
-    return windows[: recipe.importance_samples]
-
-
-def measure_windows(recipe: Recipe, windows: torch.Tensor) -> torch.Tensor:
-    """`measure_samples` windows after the importance ones (the last ones if there are none)."""
-    after = windows[recipe.importance_samples : recipe.importance_samples + recipe.measure_samples]
-    return after if len(after) else windows[-recipe.measure_samples :]
+def weight_of(run: CalibrationRun, name: str) -> torch.Tensor:
+    return linear_weight(run.model.get_submodule(name))
 
 
 def allocate(
     shapes: dict[str, LayerShape],
     spectra: dict[str, torch.Tensor],
-    output_fisher: dict[str, torch.Tensor],
+    output_fisher: dict[str, torch.Tensor | None],
     recipe: Recipe,
 ) -> tuple[dict[str, int | None], dict[str, torch.Tensor]]:
     """Ranks under the recipe's budget, and each layer's gains (kept for the estimated error)."""

@@ -1,4 +1,9 @@
-"""Rank planning for one compression run: uniform, or importance (spectra x output Fisher).
+"""Rank planning, pure: an importance estimate in, ranks out.
+
+`plan_ranks(shapes, estimate, recipe)` spends the recipe's budget: uniformly, or by importance
+(each target's spectrum weighted by its output Fisher, rescaled by losses measured at given
+ranks where there are any). How the estimate is measured (dense spectra, the Fisher of the model
+as compressed now, measured sensitivity) is orchestration, in `estimate.py`.
 
 Importance can be planned in rounds (`importance_rounds`). Round 1 weighs every layer by the
 output Fisher of the dense model: the loss is linearised where the model starts. At high ratios
@@ -15,7 +20,7 @@ layer's curve rescaled to it, and the budget allocated again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -23,143 +28,77 @@ from torch import nn
 from rankwise.allocation import importance, sensitivity
 from rankwise.allocation.budget import allocate_importance, allocate_uniform
 from rankwise.calibration import statistics
-from rankwise.calibration.statistics import Statistics
-from rankwise.core.hardware import compute_dtype
-from rankwise.core.progress import Reporter, Timer
+from rankwise.core.progress import Reporter
 from rankwise.core.recipe import Recipe
-from rankwise.methods import LayerStats, Method, MethodOptions
+from rankwise.methods import Method
 from rankwise.model.accounting import LayerShape
-from rankwise.model.memory import release_freed_memory
 from rankwise.model.modules import set_module
 
 # from this ratio on, the run suggests the measured passes
 HIGH_RATIO = 0.5
 
 
-@dataclass
-class Plan:
-    """Chooses ranks (uniform, or importance from spectra and output Fisher) for one run."""
+@dataclass(frozen=True)
+class Estimate:
+    """What importance allocation knows of each target: its spectrum in the method's metric,
+    the output Fisher that turns it into loss, and losses measured at given ranks."""
 
-    model: nn.Module
-    names: list[str]
-    shapes: dict[str, LayerShape]
-    method: Method
-    recipe: Recipe
-    reporter: Reporter
-    timer: Timer
-    gains: dict[str, torch.Tensor] = field(default_factory=dict)
-    spectra: dict[str, torch.Tensor] = field(default_factory=dict)
-    estimated: dict[str, torch.Tensor] = field(default_factory=dict)  # gains before measuring
+    spectra: dict[str, torch.Tensor]  # name -> (min(out, in),)
+    fisher: dict[str, torch.Tensor | None]  # name -> (out,) output Fisher, or None
     measured: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> rank -> loss
 
-    def ranks(
-        self, stats: Statistics | None = None, windows: torch.Tensor | None = None
-    ) -> dict[str, int | None]:
-        """With `stats` (one pass) spectra come from them; else from a dense blockwise pass."""
-        recipe = self.recipe
-        if recipe.allocation == "uniform":
-            with self.timer.phase("allocate"):
-                return allocate_uniform(list(self.shapes.values()), recipe.ratio, recipe.overrides)
-        options = MethodOptions(eig_floor=recipe.eig_floor)
-        if stats is None:
-            stats, self.spectra = self._importance_statistics(windows, options)
-        else:
-            with self.timer.phase("spectra"):
-                self.spectra = importance.spectra_from_stats(
-                    self.model, self.names, self.method, stats, options
-                )
-        fisher = {n: stats.layers[n].output_fisher for n in self.names}
-        if recipe.ratio >= HIGH_RATIO and not recipe.importance_measure:
-            self.reporter.log(
-                f"at ratio {recipe.ratio} the estimate alone is far from the measured loss: "
-                "--importance-rounds 2 --importance-measure 2 measured much better at 0.6 "
-                "(about 4x the time; bench/results/allocation.md)"
-            )
-        return self._allocate(fisher)
+    def with_fisher(self, fisher: dict[str, torch.Tensor | None]) -> Estimate:
+        return replace(self, fisher=fisher)
 
-    def rounds(self) -> int:
-        """How many times the model is compressed: importance rounds need the LM Fisher."""
-        return self.recipe.importance_rounds if needs_output_fisher(self.recipe) else 1
+    def with_measured(self, found: dict[str, tuple[int, float]]) -> Estimate:
+        measured = {name: dict(points) for name, points in self.measured.items()}
+        for name, (rank, loss) in found.items():
+            measured.setdefault(name, {})[rank] = loss
+        return replace(self, measured=measured)
 
-    def reallocate(self, windows: torch.Tensor, round_: int) -> dict[str, int | None]:
-        """Ranks from the output Fisher of the model as compressed now (same spectra)."""
-        subset = importance.importance_windows(self.recipe, windows)
-        dtype = compute_dtype(self.recipe.calib_dtype)
-        with self.reporter.task(f"importance round {round_}", total=len(subset)) as advance:
-            with self.timer.phase(f"importance fisher round {round_}"):
-                fisher = statistics.collect_output_fisher(
-                    self.model, self.names, subset, dtype, advance
-                )
-        return self._allocate(fisher)
 
-    def _allocate(self, fisher: dict[str, torch.Tensor | None]) -> dict[str, int | None]:
-        with self.timer.phase("allocate"):
-            ranks, self.gains = importance.allocate(self.shapes, self.spectra, fisher, self.recipe)
-        self.estimated = self.gains
-        self.reporter.log(f"importance allocation in {self.timer.seconds['allocate']:.2f} s")
-        return ranks
+@dataclass(frozen=True)
+class Allocation:
+    """Ranks (None: kept dense) and the loss curves they were chosen from (importance only)."""
 
-    def measure(self, windows: torch.Tensor, ranks: dict[str, int | None]) -> dict[str, int | None]:
-        """`importance_measure` passes on the dense model: each target truncated alone to its
-        planned rank, the loss measured, the curves rescaled, the budget allocated again."""
-        recipe = self.recipe
-        if recipe.allocation != "importance" or not self.estimated:
-            return ranks
-        options = MethodOptions(eig_floor=recipe.eig_floor)
-        gram_windows = importance.importance_windows(recipe, windows)
-        loss_windows = importance.measure_windows(recipe, windows)
-        dtype = compute_dtype(recipe.calib_dtype)
-        blocks = statistics.count_blocks(self.model, self.names)
-        for pass_ in range(1, recipe.importance_measure + 1):
-            with self.reporter.task(f"measuring importance {pass_}", total=blocks) as advance:
-                with self.timer.phase(f"importance measure {pass_}"):
-                    found = sensitivity.single_layer_losses(
-                        self.model,
-                        self.names,
-                        self.method,
-                        ranks,
-                        gram_windows,
-                        loss_windows,
-                        dtype,
-                        options,
-                        advance,
-                        known=self.measured,
-                    )
-            for name, (rank, loss) in found.items():
-                self.measured.setdefault(name, {})[rank] = loss
-            self.gains = sensitivity.calibrated_gains(self.estimated, self.measured)
-            ranks = allocate_importance(
-                list(self.shapes.values()), self.gains, recipe.ratio, recipe.overrides
-            )
-        return ranks
-
-    def _importance_statistics(
-        self, windows: torch.Tensor, options: MethodOptions
-    ) -> tuple[Statistics, dict[str, torch.Tensor]]:
-        """Dense spectra and output Fisher on the first `importance_samples` windows."""
-        subset = importance.importance_windows(self.recipe, windows)
-        dtype = compute_dtype(self.recipe.calib_dtype)
-        blocks = statistics.count_blocks(self.model, self.names)
-        fisher: dict[str, torch.Tensor] = {}
-        want_fisher = needs_output_fisher(self.recipe)
-        with self.reporter.task("importance", total=blocks + len(subset) * want_fisher) as advance:
-            with self.timer.phase("importance spectra"):
-                spectra = importance.spectra_blockwise(
-                    self.model, self.names, self.method, subset, dtype, options, advance
-                )
-            if want_fisher:
-                with self.timer.phase("importance fisher"):
-                    fisher = statistics.collect_output_fisher(
-                        self.model, self.names, subset, dtype, advance
-                    )
-        release_freed_memory()  # the bf16 copy and logits of the Fisher pass
-        stats = Statistics({n: LayerStats(output_fisher=fisher.get(n)) for n in self.names})
-        return stats, spectra
+    ranks: dict[str, int | None]
+    gains: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (k,) loss per component
 
     def estimated_loss(self, name: str, rank: int | None) -> float | None:
         if name not in self.gains:
             return None
         return importance.estimated_loss(self.gains[name], rank)
+
+
+def plan_ranks(
+    shapes: dict[str, LayerShape], estimate: Estimate | None, recipe: Recipe
+) -> Allocation:
+    """The recipe's budget spent: uniformly, or by the estimate's loss curves (rescaled to the
+    measured losses where there are any)."""
+    if recipe.allocation == "uniform" or estimate is None:
+        return Allocation(allocate_uniform(list(shapes.values()), recipe.ratio, recipe.overrides))
+    ranks, gains = importance.allocate(shapes, estimate.spectra, estimate.fisher, recipe)
+    if estimate.measured:
+        gains = sensitivity.calibrated_gains(gains, estimate.measured)
+        ranks = allocate_importance(list(shapes.values()), gains, recipe.ratio, recipe.overrides)
+    return Allocation(ranks, gains)
+
+
+def rounds(recipe: Recipe) -> int:
+    """How many times the model is compressed: importance rounds need the LM Fisher."""
+    return recipe.importance_rounds if needs_output_fisher(recipe) else 1
+
+
+def high_ratio_advice(recipe: Recipe) -> str | None:
+    if recipe.allocation != "importance" or recipe.ratio < HIGH_RATIO:
+        return None
+    if recipe.importance_measure:
+        return None
+    return (
+        f"at ratio {recipe.ratio} the estimate alone is far from the measured loss: "
+        "--importance-rounds 2 --importance-measure 2 measured much better at 0.6 "
+        "(about 4x the time; bench/results/allocation.md)"
+    )
 
 
 def originals(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:

@@ -27,8 +27,9 @@ from rankwise.allocation import importance
 from rankwise.calibration import statistics
 from rankwise.calibration.blocks import BlockInputs, capture_inputs, find_blocks, forward_all
 from rankwise.calibration.lm_loss import final_head, sliced_loss
+from rankwise.calibration.run import CalibrationRun
 from rankwise.calibration.statistics import Progress
-from rankwise.methods import LayerStats, Method, MethodOptions
+from rankwise.methods import LayerStats
 from rankwise.methods.curves import rescale_tails
 from rankwise.model.accounting import LayerShape
 from rankwise.model.layers import factored_layer
@@ -83,22 +84,18 @@ def probe_rank(rank: int | None, out_features: int, in_features: int) -> int:
 
 
 def single_layer_losses(
-    model: nn.Module,
-    names: list[str],
-    method: Method,
+    run: CalibrationRun,
     ranks: dict[str, int | None],
-    gram_windows: torch.Tensor,
-    loss_windows: torch.Tensor,
-    dtype: torch.dtype,
-    options: MethodOptions,
     progress: Progress | None = None,
     known: Mapping[str, Collection[int]] | None = None,
 ) -> dict[str, tuple[int, float]]:
     """Per target: (rank, loss increase of truncating that target alone to rank) on the dense
-    model. Factors come from the dense grams on `gram_windows`, one block at a time. Targets
-    whose probe rank is in `known[name]` (measured by an earlier pass) are skipped."""
+    model, scored on the run's measure windows. Factors come from the dense grams on its
+    importance windows, one block at a time. Targets whose probe rank is in `known[name]`
+    (measured by an earlier pass) are skipped."""
     known = known or {}
-    tail = TailLoss(model, names, loss_windows, dtype)
+    model, names, dtype = run.model, run.names, run.dtype
+    tail = TailLoss(model, names, run.measure_windows(), dtype)
     list_name, _ = find_blocks(model, names)
     measured: dict[str, tuple[int, float]] = {}
 
@@ -108,7 +105,7 @@ def single_layer_losses(
             rank = probe_rank(ranks[name], *weight.shape)
             if rank in known.get(name, ()):
                 continue
-            factors = method.factorize(weight, block_stats[name], rank, options)
+            factors = run.method.factorize(weight, block_stats[name], rank, run.options)
             original = tail.runner.get_submodule(name)
             bias = None if original.bias is None else original.bias.detach()
             trial = factored_layer(factors.left, factors.right, factors.sparse, bias)
@@ -122,11 +119,11 @@ def single_layer_losses(
     statistics.collect_grams(
         model,
         names,
-        gram_windows,
+        run.importance_windows(),
         dtype,
         progress,
         after_block=after_block,
-        output_grams=method.output_grams,
+        output_grams=run.method.output_grams,
     )
     return measured
 

@@ -7,8 +7,9 @@ orchestration gathers only those.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -30,12 +31,40 @@ class LayerStats:
     output_fisher: torch.Tensor | None = None
 
 
+T = TypeVar("T")
+
+
+class GramCache:
+    """What methods derived from the last gram they read (whiten: its eigendecomposition;
+    sparse: also its metric), one entry per kind, owned by the caller.
+
+    gate/up (and q/k/v) share one input gram and are factorized one after another, so the
+    decomposition is computed once for them. Entries are keyed by the gram tensor's identity
+    (the entry holds the tensor, so the identity cannot be reused) and the eigenvalue floor: a
+    cached value is exactly what the computation would give. One entry per kind, so finished
+    blocks' grams are freed. Whoever makes the `MethodOptions` owns it: the compression run's
+    layer loop makes one per run; methods themselves keep no state between calls.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[torch.Tensor, float, object]] = {}
+
+    def get(self, kind: str, gram: torch.Tensor, eig_floor: float, compute: Callable[[], T]) -> T:
+        entry = self._entries.get(kind)
+        if entry is None or entry[0] is not gram or entry[1] != eig_floor:
+            entry = (gram, eig_floor, compute())
+            self._entries[kind] = entry
+        return entry[2]  # type: ignore[return-value]
+
+
 @dataclass
 class MethodOptions:
     eig_floor: float = 1e-6  # relative floor on the gram's eigenvalues (whiten)
     # sparse: shares of the layer's budget tried for nonzeros (besides none), refinement rounds
     sparse_fractions: tuple[float, ...] = (0.03, 0.06, 0.1, 0.2, 0.35, 0.5)
     sparse_rounds: int = 1
+    # derived from grams, shared by the calls made with these options (see GramCache)
+    cache: GramCache = field(default_factory=GramCache, repr=False, compare=False)
 
 
 @dataclass
@@ -61,13 +90,10 @@ class Factors:
 
 
 class Method(Protocol):
-    """What the orchestration may rely on: declared capabilities, and two pure-looking calls.
+    """What the orchestration may rely on: declared capabilities, and two pure calls.
 
-    A method instance may keep a one-entry cache of what it derived from the last gram it saw
-    (whiten and sparse: the gram's eigendecomposition, shared by gate/up and q/k/v, which read
-    the same gram one after another). The cache is keyed by the gram tensor's identity, so it
-    never changes a result; `get_method` makes a new instance for every run, so it never
-    outlives one.
+    Methods keep no state: what they derive from a gram and reuse across layers lives in the
+    caller's `options.cache` (GramCache).
     """
 
     name: str

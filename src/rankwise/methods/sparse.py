@@ -238,16 +238,15 @@ class Sparse(Whiten):
     name = "sparse"
     output_grams = False  # the sparse residual is fitted in the input's whitened metric
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._metric: tuple[torch.Tensor, float, Metric] | None = None
-
-    def metric(self, stats: LayerStats, eig_floor: float) -> Metric:
-        eigvecs, roots = self._basis(stats, eig_floor)  # raises without a gram
+    def metric(self, stats: LayerStats, options: MethodOptions) -> Metric:
+        eigvecs, roots = self._basis(stats, options)  # raises without a gram
         gram = stats.input_gram
-        if self._metric is None or self._metric[0] is not gram or self._metric[1] != eig_floor:
-            self._metric = (gram, eig_floor, Metric.from_basis(gram, eigvecs, roots))
-        return self._metric[2]
+        assert gram is not None  # _basis checked it
+
+        def build() -> Metric:
+            return Metric.from_basis(gram, eigvecs, roots)
+
+        return options.cache.get("metric", gram, options.eig_floor, build)
 
     @staticmethod
     def choose_split(
@@ -280,7 +279,7 @@ class Sparse(Whiten):
 
     def layer(self, weight: torch.Tensor, stats: LayerStats, options: MethodOptions) -> Layer:
         """What every split of this weight is fitted from (one whitened SVD serves them all)."""
-        metric = self.metric(stats, options.eig_floor)
+        metric = self.metric(stats, options)
         w = weight.double()  # (out, in)
         weight_gram = w @ metric.gram  # (out, in): W G
         white = metric.white(w)  # (out, in)

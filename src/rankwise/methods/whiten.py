@@ -45,16 +45,12 @@ class Whiten:
     needs: frozenset[str] = frozenset({"input_gram"})
     output_grams = True  # layers with out < in factorize from their outputs' gram alone
 
-    def __init__(self) -> None:
-        # gate/up (and sparse's q/k/v) share one input gram and are factorized one after
-        # another: keep the last decomposition only, so finished blocks' grams can be freed.
-        self._last: tuple[torch.Tensor, float, torch.Tensor, torch.Tensor] | None = None
-
-    def _basis(self, stats: LayerStats, eig_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _basis(stats: LayerStats, options: MethodOptions) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gram's whitening basis, decomposed once for the layers sharing it (GramCache)."""
         gram = _gram(stats)
-        if self._last is None or self._last[0] is not gram or self._last[1] != eig_floor:
-            self._last = (gram, eig_floor, *whitening_basis(gram, eig_floor))
-        return self._last[2], self._last[3]
+        floor = options.eig_floor
+        return options.cache.get("basis", gram, floor, lambda: whitening_basis(gram, floor))
 
     def factorize(
         self, weight: torch.Tensor, stats: LayerStats, rank: int, options: MethodOptions
@@ -62,7 +58,7 @@ class Whiten:
         out_features, in_features = weight.shape
         if out_features <= in_features:
             return _output_side(weight, _outputs_gram(weight, stats), rank)
-        eigvecs, roots = self._basis(stats, options.eig_floor)
+        eigvecs, roots = self._basis(stats, options)
         scaled = (weight.double() @ eigvecs) * roots  # (out, in): W Q diag(sqrt lam)
         # The SVD in float32 is 2x faster and exact to ~1e-6 relative; the basis stays float64.
         u, s, vh = torch.linalg.svd(scaled.float(), full_matrices=False)  # (out,k) (k,) (k,in)
@@ -76,7 +72,7 @@ class Whiten:
     ) -> torch.Tensor:
         if weight.shape[0] <= weight.shape[1]:
             return _output_spectrum(_outputs_gram(weight, stats))[0].float()
-        eigvecs, roots = self._basis(stats, options.eig_floor)
+        eigvecs, roots = self._basis(stats, options)
         scaled = (weight.double() @ eigvecs) * roots  # (out, in)
         return torch.linalg.svdvals(scaled.float())
 

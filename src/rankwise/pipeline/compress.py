@@ -14,51 +14,39 @@ import torch
 from torch import nn
 
 from rankwise.allocation.budget import targeted_params
+from rankwise.allocation.estimate import (
+    dense_estimate,
+    estimate_from_statistics,
+    measured_estimate,
+    refit_fisher,
+)
 from rankwise.allocation.plan import (
-    Plan,
+    Allocation,
+    Estimate,
     allocation_possible,
+    high_ratio_advice,
     needs_output_fisher,
     originals,
+    plan_ranks,
     restore,
+    rounds,
 )
 from rankwise.calibration import staged
 from rankwise.calibration import statistics as calibrate
 from rankwise.calibration.blocks import in_one_block_list
+from rankwise.calibration.gather import gather_statistics
+from rankwise.calibration.run import CalibrationRun
 from rankwise.calibration.statistics import Statistics
 from rankwise.core.errors import NonFiniteWeightsError
-from rankwise.core.hardware import compute_dtype, resolve_dtypes
+from rankwise.core.hardware import resolve_dtypes
 from rankwise.core.progress import Reporter, Timer
 from rankwise.core.recipe import Recipe
 from rankwise.methods import Factors, LayerStats, Method, MethodOptions, get_method
-from rankwise.model.accounting import LayerCount, LayerShape, count_parameters
+from rankwise.model.accounting import LayerShape, count_parameters
 from rankwise.model.layers import factored_layer
 from rankwise.model.modules import as_linear, linear_weight, set_module
 from rankwise.model.targets import find_targets
-from rankwise.pipeline.gather import gather_statistics, resolve_windows
-
-
-@dataclass
-class LayerReport:
-    name: str
-    out_features: int
-    in_features: int
-    rank: int | None  # None: kept dense
-    rel_error: float  # sqrt(dropped / total energy) of the method's spectrum; 0 when dense
-    est_loss: float | None = None  # importance allocation's estimated loss increase
-    nnz: int = 0  # nonzeros of a sparse residual (method sparse)
-
-    @property
-    def count(self) -> LayerCount:
-        return LayerCount(self.out_features, self.in_features, self.rank, self.nnz)
-
-    @property
-    def kept_params(self) -> int:
-        """Weight parameters kept; a sparse residual counts its values and indices (bytes / 4)."""
-        return self.count.kept_params
-
-    @property
-    def kept_fraction(self) -> float:
-        return self.count.kept_fraction
+from rankwise.storage.manifest import LayerEntry
 
 
 @dataclass
@@ -67,13 +55,14 @@ class Compressed:
 
     model: nn.Module
     recipe: Recipe
-    layers: list[LayerReport]
+    layers: list[LayerEntry]  # every target in model order, as the manifest saves it
     model_params_before: int
     model_params_after: int
     targeted_before: int
     targeted_after: int
     seconds: dict[str, float] = field(default_factory=dict)
     recovery: dict[str, object] | None = None  # what distillation did, when it ran
+    allocation: Allocation | None = None  # the ranks and the loss curves they came from
 
     @property
     def ranks(self) -> dict[str, int | None]:
@@ -127,43 +116,35 @@ def factorize_layer(
 
 
 class LayerLoop:
-    """Factorizes layers one by one, logging a line per layer and keeping the reports."""
+    """Factorizes layers one by one, logging a line per layer and keeping their entries."""
 
     def __init__(
-        self,
-        model: nn.Module,
-        method: Method,
-        recipe: Recipe,
-        reporter: Reporter,
-        ranks: dict[str, int | None],
-        advance: Callable[[int], None],
+        self, run: CalibrationRun, ranks: dict[str, int | None], advance: Callable[[int], None]
     ) -> None:
-        self.model, self.method, self.reporter = model, method, reporter
-        self.ranks, self.advance = ranks, advance
-        self.options = MethodOptions(eig_floor=recipe.eig_floor)
-        self.reports: dict[str, LayerReport] = {}
+        self.run, self.ranks, self.advance = run, ranks, advance
+        self.entries: dict[str, LayerEntry] = {}
 
-    def __call__(self, shape: LayerShape, stats: LayerStats) -> None:
-        rank = self.ranks[shape.name]
-        error, nnz, rounds = 0.0, 0, ""
+    def __call__(self, name: str, stats: LayerStats) -> None:
+        run, shape, rank = self.run, self.run.shapes[name], self.ranks[name]
+        bias = as_linear(run.model.get_submodule(name)).bias is not None
+        error, nnz, rounds_ = 0.0, 0, ""
         if rank is not None:
-            factors = factorize_layer(
-                self.model, shape.name, rank, self.method, stats, self.options
-            )
+            factors = factorize_layer(run.model, name, rank, run.method, stats, run.options)
             error = factors.rel_error
             if error is None:
                 error = relative_error(factors.spectrum, rank)
             rank = factors.left.shape[1]  # a sparse residual spends part of the rank's budget
             nnz = factors.sparse.nnz if factors.sparse is not None else 0
             if factors.refinement:
-                rounds = "  by round " + " ".join(f"{e:.4f}" for e in factors.refinement)
-        self.reports[shape.name] = LayerReport(
-            shape.name, shape.out_features, shape.in_features, rank, error, nnz=nnz
-        )
+                rounds_ = "  by round " + " ".join(f"{e:.4f}" for e in factors.refinement)
+        self.entries[name] = LayerEntry(
+            name=name, out_features=shape.out_features, in_features=shape.in_features,
+            rank=rank, bias=bias, nnz=nnz, rel_error=error,
+        )  # fmt: skip
         kept = "dense" if rank is None else f"rank {rank:>4}" + (f" nnz {nnz}" if nnz else "")
-        self.reporter.log(
-            f"{shape.name:<40} {shape.out_features:>5}x{shape.in_features:<5} "
-            f"{kept}  rel.err {error:.4f}{rounds}"
+        run.reporter.log(
+            f"{name:<40} {shape.out_features:>5}x{shape.in_features:<5} "
+            f"{kept}  rel.err {error:.4f}{rounds_}"
         )
         self.advance(1)
 
@@ -184,7 +165,6 @@ def compress(
     reporter = reporter or Reporter()
     recipe, dtype_line = resolve_dtypes(recipe)
     reporter.log(dtype_line)
-    timer = Timer()
     model.eval()
     names = find_targets(model, recipe.targets, recipe.ignore)
     check_finite(model, names)
@@ -192,35 +172,83 @@ def compress(
     recipe = allocation_possible(model, method, recipe, tokenizer, windows, reporter)
     params_before = count_parameters(model)
     shapes = {n: LayerShape(n, *linear_weight(model.get_submodule(n)).shape) for n in names}
-    plan = Plan(model, names, shapes, method, recipe, reporter, timer)
-    rounds = plan.rounds()
-    dense_targets = originals(model, names) if rounds > 1 else {}
-    run = CalibrationRun(model, names, shapes, method, recipe, tokenizer, windows, reporter, timer)
-    strategy: Strategy = Blockwise(run) if blockwise_applies(run) else FromStatistics(run)
-    ranks = strategy.first_ranks(plan)
-    for round_ in range(1, rounds + 1):  # importance rounds: reallocate, then compress again
-        if round_ > 1:
-            ranks = plan.reallocate(run.token_windows(), round_)  # Fisher of the model as is
-            restore(model, dense_targets)
-        if round_ == rounds and recipe.importance_measure:
-            ranks = plan.measure(run.token_windows(), ranks)
-        with reporter.task("factorizing", total=len(shapes)) as advance:
-            with timer.phase(strategy.phase):
-                loop = LayerLoop(model, method, recipe, reporter, ranks, advance)
-                strategy.factorize(loop)
-
-    reports = [loop.reports[n] for n in names]
-    dense, _ = targeted_params(list(shapes.values()), ranks)
-    kept = sum(report.kept_params for report in reports)  # sparse layers: values + indices
+    run = CalibrationRun(
+        model, names, shapes, method, recipe, tokenizer, windows, reporter, Timer()
+    )
+    strategy = choose_strategy(run)
+    estimate = strategy.estimate()
+    advice = high_ratio_advice(recipe)
+    if estimate is not None and advice:
+        reporter.log(advice)
+    dense_targets = originals(model, names) if rounds(recipe) > 1 else {}
+    done = compress_in_rounds(run, strategy, estimate, allocate(run, estimate), dense_targets)
+    allocation = done.allocation
+    layers = [done.loop.entries[n] for n in names]
+    dense, _ = targeted_params(list(shapes.values()), allocation.ranks)
+    kept = sum(layer.count.kept_params for layer in layers)  # sparse layers: values + indices
     reporter.log(
         f"targeted ratio: requested {recipe.ratio:.4f}, achieved {1 - kept / dense:.4f} "
         f"({recipe.allocation} allocation)"
     )
-    for report in reports:
-        report.est_loss = plan.estimated_loss(report.name, ranks[report.name])
+    for layer in layers:
+        layer.est_loss = allocation.estimated_loss(layer.name, allocation.ranks[layer.name])
     return Compressed(
-        model, recipe, reports, params_before, count_parameters(model), dense, kept, timer.seconds
-    )
+        model, recipe, layers, params_before, count_parameters(model), dense, kept,
+        run.timer.seconds, allocation=allocation,
+    )  # fmt: skip
+
+
+@dataclass
+class Rounds:
+    """What the rounds loop ends with: the last allocation and the loop that applied it."""
+
+    allocation: Allocation
+    loop: LayerLoop
+
+
+def compress_in_rounds(
+    run: CalibrationRun,
+    strategy: Strategy,
+    estimate: Estimate | None,
+    allocation: Allocation,
+    dense_targets: dict[str, nn.Module],
+) -> Rounds:
+    """Factorize every target; importance rounds after the first reallocate by the Fisher of
+    the model as compressed, put the dense targets back and compress again; measured passes
+    correct the last round's plan (allocation/plan.py)."""
+    total = rounds(run.recipe)
+    for round_ in range(1, total + 1):
+        if round_ > 1:
+            assert estimate is not None, "rounds need importance allocation"
+            estimate = refit_fisher(run, estimate, round_)  # the model as compressed now
+            allocation = allocate(run, estimate)
+            restore(run.model, dense_targets)
+        if round_ == total and run.recipe.importance_measure and estimate is not None:
+            estimate, allocation = measured_estimate(run, estimate, allocation)
+        with run.reporter.task("factorizing", total=len(run.shapes)) as advance:
+            with run.timer.phase(strategy.phase):
+                loop = LayerLoop(run, allocation.ranks, advance)
+                strategy.factorize(loop)
+    return Rounds(allocation, loop)
+
+
+def allocate(run: CalibrationRun, estimate: Estimate | None) -> Allocation:
+    """`plan_ranks`, timed and logged."""
+    with run.timer.phase("allocate"):
+        allocation = plan_ranks(run.shapes, estimate, run.recipe)
+    if estimate is not None:
+        run.reporter.log(f"importance allocation in {run.timer.seconds['allocate']:.2f} s")
+    return allocation
+
+
+def choose_strategy(run: CalibrationRun) -> Strategy:
+    """Block by block where it applies (sequential, staged inside blocks by default), else all
+    statistics first (one pass, or a statistics file)."""
+    if not blockwise_applies(run):
+        return FromStatistics(run)
+    if not run.recipe.sequential:
+        return BlockByBlock(run)
+    return Staged(run) if run.recipe.staged else Sequential(run)
 
 
 def blockwise_applies(run: CalibrationRun) -> bool:
@@ -230,96 +258,77 @@ def blockwise_applies(run: CalibrationRun) -> bool:
     layer's statistics first (uniform ranks, grams only, no statistics file to write): memory
     then holds one block's grams instead of all of them (SmolLM2: 0.8 GB of float64).
     """
-    model, names, method, recipe, reporter = (
-        run.model,
-        run.names,
-        run.method,
-        run.recipe,
-        run.reporter,
-    )
+    recipe, method = run.recipe, run.method
     if recipe.stats or "input_gram" not in method.needs:
         return False
     if not recipe.sequential and (recipe.allocation != "uniform" or method.needs != {"input_gram"}):
         return False
-    if not in_one_block_list(model, names):
-        reporter.log("targets are not all inside one list of blocks: one whole-model pass")
+    if not in_one_block_list(run.model, run.names):
+        run.reporter.log("targets are not all inside one list of blocks: one whole-model pass")
         return False
     return True
 
 
-def compress_blockwise(
-    model: nn.Module,
-    names: list[str],
-    shapes: dict[str, LayerShape],
-    loop: LayerLoop,
-    recipe: Recipe,
-    windows: torch.Tensor,
-) -> None:
-    """Block by block: gather a block's statistics, then factorize it. Sequential: each block from
-    the blocks before it compressed, and with `recipe.staged` group by group inside it
-    (staged.py); else every block from the original model's inputs (one pass)."""
-
-    def factorize(group_names: list[str], stats: dict[str, LayerStats]) -> None:
-        for name in group_names:
-            loop(shapes[name], stats[name])
-
-    dtype = compute_dtype(recipe.calib_dtype)
-    output_grams = loop.method.output_grams
-    if recipe.sequential:
-        staged.compress_sequential(
-            model, names, windows, dtype, factorize, output_grams, staged=recipe.staged
-        )
-        return
-
-    calibrate.collect_grams(
-        model, names, windows, dtype, after_block=factorize, output_grams=output_grams
-    )
-
-
-@dataclass
-class CalibrationRun:
-    """What every calibration pass of one compression needs, carried together."""
-
-    model: nn.Module
-    names: list[str]
-    shapes: dict[str, LayerShape]
-    method: Method
-    recipe: Recipe
-    tokenizer: object | None
-    windows: torch.Tensor | None  # (count, seq_len) token ids; cut from the recipe's text if None
-    reporter: Reporter
-    timer: Timer
-
-    def token_windows(self) -> torch.Tensor:
-        """The calibration windows, cut from the text the first time they are needed."""
-        self.windows = resolve_windows(self.recipe, self.tokenizer, self.windows, self.reporter)
-        return self.windows
-
-
 class Strategy(Protocol):
-    """How one compression gathers statistics and factorizes: ranks first, then every layer."""
+    """How one compression gathers statistics and factorizes: the estimate the first ranks
+    come from (None: uniform), then every layer factorized."""
 
     phase: str
 
-    def first_ranks(self, plan: Plan) -> dict[str, int | None]: ...
+    def estimate(self) -> Estimate | None: ...
 
     def factorize(self, loop: LayerLoop) -> None: ...
 
 
-class Blockwise:
-    """Each block factorized as soon as its statistics are complete (sequential by default)."""
+class _Blockwise:
+    """Each block factorized as soon as its statistics are complete; the importance estimate
+    comes from a dense pass of its own first."""
 
     phase = "calibrate+factorize"
 
     def __init__(self, run: CalibrationRun) -> None:
         self.run = run
 
-    def first_ranks(self, plan: Plan) -> dict[str, int | None]:
-        return plan.ranks(windows=self.run.token_windows())
+    def estimate(self) -> Estimate | None:
+        return dense_estimate(self.run) if self.run.recipe.allocation == "importance" else None
+
+    def on_group(self, loop: LayerLoop) -> Callable[[list[str], dict[str, LayerStats]], None]:
+        def factorize(group_names: list[str], stats: dict[str, LayerStats]) -> None:
+            for name in group_names:
+                loop(name, stats[name])
+
+        return factorize
+
+
+class BlockByBlock(_Blockwise):
+    """Every block's grams from the original model's inputs (one pass, one block in memory)."""
 
     def factorize(self, loop: LayerLoop) -> None:
         run = self.run
-        compress_blockwise(run.model, run.names, run.shapes, loop, run.recipe, run.token_windows())
+        calibrate.collect_grams(
+            run.model, run.names, run.token_windows(), run.dtype,
+            after_block=self.on_group(loop), output_grams=run.method.output_grams,
+        )  # fmt: skip
+
+
+class Sequential(_Blockwise):
+    """Block k's grams from the model whose blocks before k are compressed; inside a block,
+    dense grams first, then the compressed block's outputs for the next."""
+
+    staged = False
+
+    def factorize(self, loop: LayerLoop) -> None:
+        run = self.run
+        staged.compress_sequential(
+            run.model, run.names, run.token_windows(), run.dtype, self.on_group(loop),
+            run.method.output_grams, staged=self.staged,
+        )  # fmt: skip
+
+
+class Staged(Sequential):
+    """Sequential, and inside each block group by group (calibration/staged.py)."""
+
+    staged = True
 
 
 class FromStatistics:
@@ -332,17 +341,16 @@ class FromStatistics:
         self.run = run
         self.stats: Statistics | None = None
 
-    def first_ranks(self, plan: Plan) -> dict[str, int | None]:
+    def estimate(self) -> Estimate | None:
         run = self.run
         fisher = {"output_fisher"} if needs_output_fisher(run.recipe) else set()
         with run.timer.phase("calibrate"):
-            self.stats = gather_statistics(
-                run.model, run.names, run.method.needs | fisher, run.recipe, run.tokenizer,
-                run.windows, run.reporter, run.method.output_grams,
-            )  # fmt: skip
-        return plan.ranks(stats=self.stats)
+            self.stats = gather_statistics(run, run.method.needs | fisher)
+        if run.recipe.allocation != "importance":
+            return None
+        return estimate_from_statistics(run, self.stats)
 
     def factorize(self, loop: LayerLoop) -> None:
-        assert self.stats is not None, "first_ranks gathers the statistics"
+        assert self.stats is not None, "estimate() gathers the statistics"
         for name in self.run.names:
-            loop(self.run.shapes[name], self.stats.layers[name])
+            loop(name, self.stats.layers[name])

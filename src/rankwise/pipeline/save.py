@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rankwise.pipeline.compress import Compressed
-from rankwise.storage.manifest import LayerEntry, Manifest
+from rankwise.storage.manifest import Manifest
 from rankwise.storage.saved import save_compressed
 
 RANKWISE_VERSION = "0.1.0"
@@ -27,18 +27,7 @@ def manifest_of(result: Compressed) -> Manifest:
         seconds=result.seconds,
         recovery=result.recovery,
         merge_policy=recipe.merge_policy,
-        layers=[
-            LayerEntry(
-                name=layer.name,
-                out_features=layer.out_features,
-                in_features=layer.in_features,
-                rank=layer.rank,
-                nnz=layer.nnz,
-                rel_error=layer.rel_error,
-                est_loss=layer.est_loss,
-            )
-            for layer in result.layers
-        ],
+        layers=result.layers,
     )
 
 
