@@ -12,7 +12,7 @@ from torch import nn
 
 from rankwise.calibration import staged
 from rankwise.calibration.blocks import BlockInputs, capture_inputs, find_blocks, forward_all
-from rankwise.calibration.statistics import GramCollector, narrow_targets
+from rankwise.calibration.grams import GramCollector, narrow_targets
 from rankwise.methods import LayerStats
 from rankwise.model.targets import find_targets
 
@@ -143,8 +143,10 @@ def test_the_attention_runs_once_per_stage_pass_of_its_output_projection(
     calls: list[int] = []
     cast_copy = staged.cast_copy
 
-    def counting_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-        made = cast_copy(module, dtype)
+    def counting_copy(
+        module: nn.Module, dtype: torch.dtype, device: torch.device | None = None
+    ) -> nn.Module:
+        made = cast_copy(module, dtype, device)
         if hasattr(made, "self_attn"):
             made.self_attn.register_forward_hook(lambda *_: calls.append(1))
         return made

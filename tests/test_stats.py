@@ -10,7 +10,8 @@ from conftest import clone, make_model, make_windows, model_output, word_text, w
 from safetensors.torch import save_file
 
 import rankwise
-from rankwise.calibration.statistics import SPLIT_FROM, Statistics, add_gram, collect
+from rankwise.calibration.grams import SPLIT_FROM, add_gram
+from rankwise.calibration.statistics import Statistics, collect
 from rankwise.core.errors import RankwiseError
 from rankwise.core.recipe import Recipe
 from rankwise.model.memory import release_freed_memory

@@ -70,4 +70,6 @@ def measured_estimate(
 def output_fisher(
     run: CalibrationRun, windows: torch.Tensor, advance: statistics.Progress
 ) -> dict[str, torch.Tensor]:
-    return statistics.collect_output_fisher(run.model, run.names, windows, run.dtype, advance)
+    return statistics.collect_output_fisher(
+        run.model, run.names, windows, run.dtype, advance, device=run.device
+    )

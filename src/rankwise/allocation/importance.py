@@ -50,7 +50,9 @@ def layer_gains(
 def spectra_from_stats(run: CalibrationRun, stats: Statistics) -> dict[str, torch.Tensor]:
     """Each target's spectrum in the method's metric, from statistics already gathered."""
     return {
-        name: run.method.spectrum(weight_of(run, name), stats.layers[name], run.options)
+        name: run.method.spectrum(
+            weight_of(run, name), stats.layers[name].to(run.device), run.options
+        ).cpu()
         for name in run.names
     }
 
@@ -66,7 +68,7 @@ def spectra_blockwise(
     def after_block(block_names: list[str], block_stats: dict) -> None:
         for name in block_names:
             weight = weight_of(run, name)
-            spectra[name] = run.method.spectrum(weight, block_stats[name], run.options)
+            spectra[name] = run.method.spectrum(weight, block_stats[name], run.options).cpu()
 
     calibrate.collect_grams(
         run.model,
@@ -76,12 +78,14 @@ def spectra_blockwise(
         progress,
         after_block=after_block,
         output_grams=run.method.output_grams,
+        device=run.device,
     )
     return spectra
 
 
 def weight_of(run: CalibrationRun, name: str) -> torch.Tensor:
-    return linear_weight(run.model.get_submodule(name))
+    """A target's (out, in) weight on the run's execution device."""
+    return linear_weight(run.model.get_submodule(name)).to(run.device)
 
 
 def allocate(

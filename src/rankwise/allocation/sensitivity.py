@@ -50,13 +50,18 @@ class TailLoss:
     """
 
     def __init__(
-        self, model: nn.Module, names: list[str], windows: torch.Tensor, dtype: torch.dtype
+        self,
+        model: nn.Module,
+        names: list[str],
+        windows: torch.Tensor,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
     ) -> None:
-        self.runner = cast_copy(model, dtype)
-        self.windows = windows
+        self.runner = cast_copy(model, dtype, device)
+        self.windows = windows.to(device) if device is not None else windows
         _, self.blocks = find_blocks(self.runner, names)
         self.inputs: BlockInputs = capture_inputs(
-            self.runner, self.blocks[0], windows, len(windows), dtype
+            self.runner, self.blocks[0], self.windows, len(windows), dtype
         )
         self.head = final_head(self.runner)
         self.hidden = [self.inputs.hidden]
@@ -95,13 +100,13 @@ def single_layer_losses(
     (measured by an earlier pass) are skipped."""
     known = known or {}
     model, names, dtype = run.model, run.names, run.dtype
-    tail = TailLoss(model, names, run.measure_windows(), dtype)
+    tail = TailLoss(model, names, run.measure_windows(), dtype, run.device)
     list_name, _ = find_blocks(model, names)
     measured: dict[str, tuple[int, float]] = {}
 
     def after_block(block_names: list[str], block_stats: dict[str, LayerStats]) -> None:
         for name in block_names:
-            weight = linear_weight(model.get_submodule(name))
+            weight = linear_weight(model.get_submodule(name)).to(run.device)
             rank = probe_rank(ranks[name], *weight.shape)
             if rank in known.get(name, ()):
                 continue
@@ -124,6 +129,7 @@ def single_layer_losses(
         progress,
         after_block=after_block,
         output_grams=run.method.output_grams,
+        device=run.device,
     )
     return measured
 

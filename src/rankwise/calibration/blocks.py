@@ -55,15 +55,17 @@ def in_one_block_list(model: nn.Module, names: list[str]) -> bool:
     return True
 
 
-def _cast(value: object, dtype: torch.dtype) -> object:
+def _cast(value: object, dtype: torch.dtype, device: torch.device | None = None) -> object:
+    """A block argument in the compute dtype, on the execution device."""
     if isinstance(value, Cache):
         # a key/value cache handed over positionally (GPT-2's layer_past): if kept, each later run
         # of a block would attend to the keys its earlier runs left there
         return None
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.to(dtype)
+    if isinstance(value, torch.Tensor):
+        value = value.to(device) if device is not None else value
+        return value.to(dtype) if value.is_floating_point() else value
     if isinstance(value, tuple):
-        return tuple(_cast(v, dtype) for v in value)
+        return tuple(_cast(v, dtype, device) for v in value)
     return value
 
 
@@ -101,8 +103,10 @@ def capture_inputs(
     batch_size: int,
     dtype: torch.dtype,
     inference: bool = True,
+    device: torch.device | None = None,
 ) -> BlockInputs:
-    """Run the model until block 0 for each batch, keeping what block 0 receives.
+    """Run the model until block 0 for each batch, keeping what block 0 receives (moved to
+    `device`, where the blocks will run; the embeddings run where the model is).
 
     `inference=False` gives ordinary tensors (no graph) that autograd may save later.
     """
@@ -111,9 +115,11 @@ def capture_inputs(
     def keep(args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
         skip = {"hidden_states", "past_key_values", "past_key_value"}
-        inputs.hidden.append(hidden.to(dtype))
-        inputs.args.append(tuple(_cast(a, dtype) for a in args[1:]))
-        inputs.kwargs.append({k: _cast(v, dtype) for k, v in kwargs.items() if k not in skip})
+        inputs.hidden.append(_cast(hidden, dtype, device))
+        inputs.args.append(tuple(_cast(a, dtype, device) for a in args[1:]))
+        inputs.kwargs.append(
+            {k: _cast(v, dtype, device) for k, v in kwargs.items() if k not in skip}
+        )
 
     run_until(model, first_block, keep, windows, batch_size, inference)
     return inputs
@@ -130,21 +136,23 @@ def run_blocks(
     dtype: torch.dtype,
     on_block: Callable[[int, nn.Module, Callable[[], None]], None],
     batch_size: int = 4,
+    device: torch.device | None = None,
 ) -> None:
     """For each block holding targets: `on_block(index, block_copy, run)`.
 
-    `run()` pushes every batch through the block copy (in `dtype`), so hooks the callback attached
+    `run()` pushes every batch through the block copy (in `dtype`, on `device`: the execution
+    device; the model itself stays where it is), so hooks the callback attached
     see the block's inputs; its outputs are the next block's inputs, whatever the callback does
     to the original block afterwards (one pass; sequential runs are staged.py's).
     """
     list_name, blocks = find_blocks(model, names)
     used = used_blocks(model, names)
-    inputs = capture_inputs(model, blocks[0], windows, batch_size, dtype)
+    inputs = capture_inputs(model, blocks[0], windows, batch_size, dtype, device=device)
     hidden = inputs.hidden
     with torch.inference_mode():
         for index in range(used[-1] + 1):
             release_freed_memory()  # the last block's copies, grams and outputs
-            block = cast_copy(blocks[index], dtype)
+            block = cast_copy(blocks[index], dtype, device)
             outputs: list[torch.Tensor] = []
 
             def run(

@@ -34,7 +34,8 @@ class _Totals:
     neither all 200 gradients nor their graphs are alive at once."""
 
     def __init__(self, runner: nn.Module, names: list[str]) -> None:
-        self.sums = {n: torch.zeros((), dtype=torch.float64) for n in names}
+        device = next(runner.parameters()).device
+        self.sums = {n: torch.zeros((), dtype=torch.float64, device=device) for n in names}
         self.reached: set[str] = set()
         self.handles = [
             runner.get_submodule(n).register_forward_hook(self._watch(n)) for n in names
@@ -90,6 +91,7 @@ class _BlockByBlock:
         dtype: torch.dtype,
     ) -> None:
         self.blocks, self.first, self.head = blocks, first, head
+        # the runner is already on the execution device: so are the windows and inputs
         self.inputs = capture_inputs(runner, blocks[0], windows, batch_size, dtype, inference=False)
 
     def __call__(self, index: int, batch: torch.Tensor) -> None:
@@ -130,11 +132,14 @@ def collect_output_fisher(
     dtype: torch.dtype = torch.float32,
     progress: Callable[[int], None] | None = None,
     batch_size: int = 1,
+    device: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per target (out,): mean over tokens of (d summed window loss / d output)^2, float64."""
+    """Per target (out,): mean over tokens of (d summed window loss / d output)^2, float64,
+    computed by a copy of the model on `device` (the result comes back to the CPU)."""
     if not has_lm_head(model):
         raise RankwiseError("importance needs a language model head (a causal LM)")
-    runner = cast_copy(model, dtype)
+    runner = cast_copy(model, dtype, device)
+    windows = windows.to(device) if device is not None else windows
     backward = _backward_pass(runner, names, windows, batch_size, dtype)
     totals = _Totals(runner, names)
     tokens = 0
@@ -148,4 +153,4 @@ def collect_output_fisher(
                 progress(len(batch))
     finally:
         totals.remove()
-    return {n: total / tokens for n, total in totals.sums.items()}
+    return {n: (total / tokens).cpu() for n, total in totals.sums.items()}

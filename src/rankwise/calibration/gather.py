@@ -44,9 +44,13 @@ def collect_missing(run: CalibrationRun, needs: frozenset[str], output_grams: bo
     )
     with run.reporter.task("calibrating", total=total) as advance:
         found = needs - {"output_fisher"}
-        stats = calibrate.collect(model, names, windows, found, dtype, advance, output_grams)
+        stats = calibrate.collect(
+            model, names, windows, found, dtype, advance, output_grams, run.device
+        )
         if "output_fisher" in needs:
-            fisher = calibrate.collect_output_fisher(model, names, subset, dtype, advance)
+            fisher = calibrate.collect_output_fisher(
+                model, names, subset, dtype, advance, device=run.device
+            )
             for name, value in fisher.items():
                 stats.layers[name].output_fisher = value
     return stats

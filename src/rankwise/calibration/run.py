@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from rankwise.core.errors import CalibrationError
-from rankwise.core.hardware import compute_dtype
+from rankwise.core.hardware import compute_dtype, resolve_device
 from rankwise.core.progress import Reporter, Timer
 from rankwise.core.recipe import Recipe
 from rankwise.data.corpora import calibration_windows
@@ -37,14 +37,16 @@ class CalibrationRun:
     timer: Timer
     # one per run: its GramCache shares a gram's decomposition between the layers reading it
     options: MethodOptions = field(init=False)
+    device: torch.device = field(init=False)  # where every pass and factorization runs
 
     def __post_init__(self) -> None:
         self.options = MethodOptions(eig_floor=self.recipe.eig_floor)
+        self.device = resolve_device(self.recipe.device)
 
     @property
     def dtype(self) -> torch.dtype:
         """The compute dtype of calibration forwards (statistics stay float64)."""
-        return compute_dtype(self.recipe.calib_dtype)
+        return compute_dtype(self.recipe.calib_dtype, self.device)
 
     def token_windows(self) -> torch.Tensor:
         """The calibration windows, cut from the text the first time they are needed."""

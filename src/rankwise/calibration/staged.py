@@ -43,7 +43,7 @@ from rankwise.calibration.blocks import (
     forward_all,
     used_blocks,
 )
-from rankwise.calibration.statistics import GramCollector, narrow_targets
+from rankwise.calibration.grams import GramCollector, narrow_targets
 from rankwise.methods import LayerStats
 from rankwise.model.memory import release_freed_memory
 from rankwise.model.modules import cast_copy, set_module
@@ -242,10 +242,11 @@ class BlockJob:
     dtype: torch.dtype
     on_group: GroupCallback
     output_grams: bool
+    device: torch.device | None = None  # where the copies run (None: where the model is)
 
     def copy(self) -> tuple[nn.Module, set[str]]:
         """A copy in the calibration dtype, and the targets that gather output grams there."""
-        copy = cast_copy(self.original, self.dtype)
+        copy = cast_copy(self.original, self.dtype, self.device)
         return copy, narrow_targets(copy, self.local, self.output_grams)
 
     def factorize(self, names: list[str], stats: dict[str, LayerStats]) -> None:
@@ -270,7 +271,8 @@ def compress_block_in_stages(job: BlockJob, need_outputs: bool = True) -> list[t
             stats = stage.run(inputs, hidden, cursor)
         job.factorize(group.names, stats)
         for name in group.names:
-            set_module(copy, name, cast_copy(job.original.get_submodule(name), job.dtype))
+            compressed = job.original.get_submodule(name)
+            set_module(copy, name, cast_copy(compressed, job.dtype, job.device))
         with torch.inference_mode():
             replay = stage.replay(cursor)
         if replay is not None:
@@ -292,12 +294,13 @@ def compress_sequential(
     output_grams: bool = False,
     batch_size: int = 4,
     staged: bool = True,
+    device: torch.device | None = None,
 ) -> None:
     """Sequential calibration and factorization of every target, block by block: in stages,
     or (`staged=False`, and for blocks that cannot be staged) dense grams then recompute."""
     list_name, blocks = find_blocks(model, names)
     used = used_blocks(model, names)
-    inputs = capture_inputs(model, blocks[0], windows, batch_size, dtype)
+    inputs = capture_inputs(model, blocks[0], windows, batch_size, dtype, device=device)
     hidden = inputs.hidden
     for index in range(used[-1] + 1):
         release_freed_memory()  # the last block's copies, grams and outputs
@@ -306,7 +309,7 @@ def compress_sequential(
         outputs = None
         if local:
             job = BlockJob(
-                blocks[index], prefix, local, hidden, inputs, dtype, on_group, output_grams
+                blocks[index], prefix, local, hidden, inputs, dtype, on_group, output_grams, device
             )
             if staged:
                 outputs = compress_block_in_stages(job, need_outputs=index < used[-1])
@@ -314,7 +317,7 @@ def compress_sequential(
                 outputs = _dense_then_compressed(job)
         elif index < used[-1]:
             with torch.inference_mode():
-                outputs = forward_all(cast_copy(blocks[index], dtype), hidden, inputs)
+                outputs = forward_all(cast_copy(blocks[index], dtype, device), hidden, inputs)
         hidden = outputs if outputs is not None else hidden
 
 
@@ -328,4 +331,5 @@ def _dense_then_compressed(job: BlockJob) -> list[torch.Tensor]:
         collector.remove()
     job.factorize(job.local, collector.stats())
     with torch.inference_mode():
-        return forward_all(cast_copy(job.original, job.dtype), job.hidden, job.inputs)
+        compressed = cast_copy(job.original, job.dtype, job.device)
+        return forward_all(compressed, job.hidden, job.inputs)

@@ -15,7 +15,6 @@ No activations are stored: memory is bounded by the grams.
 from __future__ import annotations
 
 import json
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 
 from rankwise.calibration.blocks import find_blocks, run_blocks, used_blocks
 from rankwise.calibration.fisher import WholeModelBackward, collect_output_fisher
+from rankwise.calibration.grams import GramCollector, narrow_targets
 from rankwise.calibration.lm_loss import has_lm_head
 from rankwise.core.errors import CalibrationError, RankwiseError
 from rankwise.methods.base import LayerStats
@@ -46,6 +46,26 @@ class Statistics:
             for name in names
             for need in needs
         )
+
+    def to(self, device: torch.device | str) -> Statistics:
+        """The statistics on `device`; a gram shared by several targets stays one tensor."""
+        moved: dict[int, torch.Tensor] = {}
+
+        def move(value: torch.Tensor | None) -> torch.Tensor | None:
+            if value is None:
+                return None
+            if id(value) not in moved:
+                moved[id(value)] = value.to(device)
+            return moved[id(value)]
+
+        layers = {
+            name: LayerStats(
+                input_gram=move(s.input_gram), output_gram=move(s.output_gram), tokens=s.tokens,
+                fisher=move(s.fisher), output_fisher=move(s.output_fisher),
+            )
+            for name, s in self.layers.items()
+        }  # fmt: skip
+        return Statistics(layers, dict(self.meta))
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -96,121 +116,6 @@ class Statistics:
         return cls(layers, json.loads(metadata.get("meta", "{}")))
 
 
-# from this input width on, a gram is built from its blocks (narrower: one GEMM is as fast)
-SPLIT_FROM = 512
-
-
-def add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
-    """total (in, in) float64 += X^T X of a (tokens, in) matrix.
-
-    bfloat16 inputs (the default calibration dtype) are multiplied in bfloat16: the GEMM
-    accumulates in float32 and rounds each batch's product to bfloat16 once (2^-9 relative per
-    entry; the batches' roundings average out in the float64 total). On SmolLM2's grams that
-    changed the whitened truncation error by under 0.01% and halved the time of the float32
-    product (the four grams of a block: ~1.9 s -> ~1 s on 128 x 512 tokens). Other dtypes are
-    multiplied in float32, so float32 calibration stays exact.
-
-    X^T X is symmetric: wide inputs (>= SPLIT_FROM features) are split in two column halves, and
-    the two diagonal blocks and one off-diagonal block take 3/4 of the multiply-adds of the full
-    product. torch's GEMM, not BLAS syrk: scipy's OpenBLAS threads and torch's OpenMP threads
-    spin against each other between layers (measured 2x slower).
-    """
-    flat = x.detach()  # (tokens, in)
-    if flat.dtype != torch.bfloat16:
-        flat = flat.float()
-    width = flat.shape[1]
-    if width < SPLIT_FROM:
-        total += (flat.T @ flat).double()
-        return
-    half = width // 2
-    left, right = flat[:, :half], flat[:, half:]  # (tokens, half), (tokens, in - half)
-    total[:half, :half] += (left.T @ left).double()
-    total[half:, half:] += (right.T @ right).double()
-    cross = (left.T @ right).double()  # (half, in - half)
-    total[:half, half:] += cross
-    total[half:, :half] += cross.T
-
-
-class GramCollector:
-    """Forward pre-hooks that add each target's input gram; shared inputs counted once.
-
-    `root` is the module the `names` are relative to (one block, or a whole small model).
-    Targets in `narrow` (out < in, for a method that can factorize them from their outputs) get
-    the gram of their outputs instead, bias removed: Y^T Y = W X^T X W^T is all such a layer's
-    factors need, and it is (out, out) where the input gram is (in, in). For SmolLM2's MLP down
-    projection that is 576^2 multiply-adds per token instead of 1536^2, ~60% of the grams' time.
-    A narrow target whose input a sibling already has a gram of shares that gram instead.
-    """
-
-    def __init__(self, root: nn.Module, names: list[str], narrow: set[str] | None = None) -> None:
-        self.names = names
-        self.narrow = narrow or set()
-        self.owner: dict[str, str] = {}  # name -> the target whose statistics it shares
-        self.grams: dict[str, torch.Tensor] = {}  # owner -> (in, in) float64 input gram
-        self.output_grams: dict[str, torch.Tensor] = {}  # narrow owner -> (out, out) float64
-        self.tokens: dict[str, int] = {}  # owner -> tokens seen
-        # Recent inputs: q/k/v (gate/up) receive the same tensor object one after another.
-        self._seen: deque[tuple[torch.Tensor, str]] = deque(maxlen=8)
-        self._handles = [
-            root.get_submodule(name).register_forward_pre_hook(self._hook(name)) for name in names
-        ] + [
-            root.get_submodule(name).register_forward_hook(self._output_hook(name))
-            for name in names
-            if name in self.narrow
-        ]
-
-    def _hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            for seen, owner in self._seen:
-                if seen is x:  # same tensor as an earlier target: share its gram
-                    self.owner.setdefault(name, owner)
-                    return
-            self.owner.setdefault(name, name)
-            if name in self.narrow:
-                return  # its forward hook adds the gram of its outputs
-            self._seen.append((x, name))
-            self._add(self.grams, name, x)
-
-        return hook
-
-    def _output_hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if self.owner.get(name) != name:  # shares a sibling's input gram
-                return
-            bias = getattr(module, "bias", None)
-            self._add(self.output_grams, name, output if bias is None else output - bias)
-
-        return hook
-
-    def _add(self, grams: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> None:
-        flat = x.reshape(-1, x.shape[-1])  # (tokens, features)
-        if name not in grams:
-            grams[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
-            self.tokens[name] = 0
-        add_gram(grams[name], flat)
-        self.tokens[name] += flat.shape[0]
-
-    def stats(self) -> dict[str, LayerStats]:
-        """Grams (one shared object per distinct input) and token counts per target."""
-        missing = [n for n in self.names if n not in self.owner]
-        if missing:
-            raise CalibrationError(f"no input reached {missing[0]} during calibration")
-        return {
-            n: LayerStats(
-                input_gram=self.grams.get(self.owner[n]),
-                output_gram=self.output_grams.get(self.owner[n]),
-                tokens=self.tokens[self.owner[n]],
-            )
-            for n in self.names
-        }
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._seen.clear()
-
-
 BlockCallback = Callable[[list[str], dict[str, LayerStats]], None]
 
 
@@ -222,8 +127,10 @@ def collect_grams(
     progress: Progress | None = None,
     after_block: BlockCallback | None = None,
     output_grams: bool = False,
+    device: torch.device | None = None,
 ) -> dict[str, LayerStats]:
-    """input_gram and token count per target, one block at a time over `windows` (count, seq).
+    """input_gram and token count per target, one block at a time over `windows` (count, seq),
+    each block run on `device` (the grams are made there too).
     With `output_grams`, targets narrower out than in get an output_gram instead (GramCollector).
 
     `after_block(names, stats)` sees each block's statistics as soon as they are complete (it may
@@ -236,7 +143,7 @@ def collect_grams(
     except CalibrationError:
         if after_block is not None:
             raise
-        return collect_grams_whole(model, names, windows, dtype, progress)
+        return collect_grams_whole(model, names, windows, dtype, progress, device=device)
     results: dict[str, LayerStats] = {}
 
     def on_block(index: int, block: nn.Module, run: Callable[[], None]) -> None:
@@ -255,19 +162,8 @@ def collect_grams(
         else:
             results.update(block_stats)
 
-    run_blocks(model, names, windows, dtype, on_block)
+    run_blocks(model, names, windows, dtype, on_block, device=device)
     return results
-
-
-def is_narrow(module: nn.Module) -> bool:
-    out_features, in_features = linear_weight(module).shape
-    return out_features < in_features
-
-
-def narrow_targets(root: nn.Module, names: list[str], output_grams: bool) -> set[str]:
-    """The targets (relative to `root`) that gather output grams: none unless the method takes
-    them (`output_grams`), else those narrower out than in."""
-    return {n for n in names if output_grams and is_narrow(root.get_submodule(n))}
 
 
 def collect_grams_whole(
@@ -277,19 +173,28 @@ def collect_grams_whole(
     dtype: torch.dtype,
     progress: Progress | None = None,
     batch_size: int = 4,
+    device: torch.device | None = None,
 ) -> dict[str, LayerStats]:
     """Whole-model pass, for targets outside one list of blocks (e.g. explicit `lm_head`)."""
-    runner = model if dtype == torch.float32 else cast_copy(model, dtype)
+    runner = runner_for(model, dtype, device)
     collector = GramCollector(runner, names)
     try:
         with torch.inference_mode():
             for start in range(0, len(windows), batch_size):
-                runner(input_ids=windows[start : start + batch_size])
+                runner(input_ids=windows[start : start + batch_size].to(device))
     finally:
         collector.remove()
     if progress:
         progress(1)
     return collector.stats()
+
+
+def runner_for(model: nn.Module, dtype: torch.dtype, device: torch.device | None) -> nn.Module:
+    """The model itself where it already is in `dtype` on `device`, else a cast copy."""
+    here = next(model.parameters()).device
+    if dtype == torch.float32 and (device is None or torch.device(device) == here):
+        return model
+    return cast_copy(model, dtype, device)
 
 
 def count_blocks(model: nn.Module, names: list[str]) -> int:
@@ -341,8 +246,9 @@ def collect_fisher(
             weight.requires_grad_(True)
             handles.append(weight.register_post_accumulate_grad_hook(square_into(name)))
         backward = WholeModelBackward(model)
+        device = next(model.parameters()).device
         for index, window in enumerate(windows):
-            backward(index, window[None])  # (1, seq_len)
+            backward(index, window[None].to(device))  # (1, seq_len)
             if progress:
                 progress(1)
     finally:
@@ -361,9 +267,11 @@ def collect(
     dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
     output_grams: bool = False,
+    device: torch.device | None = None,
 ) -> Statistics:
     """Gather what is `needed` ("input_gram", "fisher", "output_fisher") for every target
-    (`output_grams`: narrow targets get an output_gram instead, see GramCollector)."""
+    (`output_grams`: narrow targets get an output_gram instead, see GramCollector), running
+    on `device` (the statistics are made there)."""
     if len(windows) == 0:
         raise CalibrationError("no calibration windows")
     stats = Statistics(
@@ -374,14 +282,17 @@ def collect(
         }
     )
     if "input_gram" in needs:
-        stats.layers = collect_grams(model, names, windows, dtype, progress, None, output_grams)
+        stats.layers = collect_grams(
+            model, names, windows, dtype, progress, None, output_grams, device
+        )
     else:
         stats.layers = {n: LayerStats(tokens=windows.numel()) for n in names}
     if "fisher" in needs:
-        runner = model if dtype == torch.float32 else cast_copy(model, dtype)
+        runner = runner_for(model, dtype, device)
         for name, value in collect_fisher(runner, names, windows, progress).items():
             stats.layers[name].fisher = value
     if "output_fisher" in needs:
-        for name, value in collect_output_fisher(model, names, windows, dtype, progress).items():
+        found = collect_output_fisher(model, names, windows, dtype, progress, device=device)
+        for name, value in found.items():
             stats.layers[name].output_fisher = value
-    return stats
+    return stats.to("cpu")  # every layer's statistics at once: kept where memory is largest

@@ -121,6 +121,26 @@ def choose_dtype(
     return DtypeChoice(dtype, f"auto: {verdict}: {why}")
 
 
+def resolve_device(spec: str) -> torch.device:
+    """The execution device a recipe names: "auto" is the first CUDA device when one is
+    present, else the CPU; "cuda" / "cuda:N" must exist (RecipeError otherwise)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise RecipeError(f"unknown device '{spec}': use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda", "meta"):
+        raise RecipeError(f"unsupported device '{spec}': use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RecipeError(f"device '{spec}' asked but torch sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise RecipeError(f"device '{spec}' asked but torch sees {count} CUDA device(s)")
+    return device
+
+
 def compute_dtype(requested: str, device: torch.device | str = "cpu") -> torch.dtype:
     """The dtype `requested` resolves to on `device` (explicit names pass through)."""
     return choose_dtype(requested, device).dtype

@@ -79,11 +79,13 @@ def window_nll(model: nn.Module, batch: torch.Tensor, chunk: int = LOGIT_CHUNK) 
 def perplexity(
     model: nn.Module, windows: torch.Tensor, batch_size: int = 4, advance: Advance | None = None
 ) -> Perplexity:
-    """Perplexity of a causal LM on token windows (count, seq_len)."""
+    """Perplexity of a causal LM on token windows (count, seq_len), computed where the model
+    is (batches are moved to its device)."""
     total = 0.0
+    device = next(model.parameters()).device
     with torch.inference_mode():
         for start in range(0, len(windows), batch_size):
-            batch = windows[start : start + batch_size]
+            batch = windows[start : start + batch_size].to(device)
             total += float(window_nll(model, batch).sum())
             if advance:
                 advance(len(batch))

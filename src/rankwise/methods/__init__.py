@@ -5,6 +5,7 @@ from __future__ import annotations
 from rankwise.core.errors import RankwiseError
 from rankwise.methods.base import Factors, LayerStats, Method, MethodOptions
 from rankwise.methods.fwsvd import FWSVD
+from rankwise.methods.modular import Modular
 from rankwise.methods.sparse import Sparse
 from rankwise.methods.svd import SVD
 from rankwise.methods.whiten import Whiten
@@ -14,6 +15,7 @@ REGISTRY: dict[str, type] = {
     "fwsvd": FWSVD,
     "whiten": Whiten,
     "sparse": Sparse,
+    "modular": Modular,
 }
 
 

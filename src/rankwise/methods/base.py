@@ -8,7 +8,7 @@ orchestration gathers only those.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
 import torch
@@ -29,6 +29,20 @@ class LayerStats:
     # (out,) float64: mean over calibration tokens of the squared loss gradient w.r.t. each
     # output unit; turns a layer's output error into an estimated loss increase (allocation)
     output_fisher: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> LayerStats:
+        """The same statistics on `device` (shared grams stay shared: each moves once per call
+        site that moves them; the caller moves one block's statistics at a time)."""
+        moved = {
+            name: None if value is None else value.to(device)
+            for name, value in (
+                ("input_gram", self.input_gram),
+                ("output_gram", self.output_gram),
+                ("fisher", self.fisher),
+                ("output_fisher", self.output_fisher),
+            )
+        }
+        return LayerStats(tokens=self.tokens, **moved)
 
 
 T = TypeVar("T")
@@ -80,6 +94,16 @@ class Factors:
     rel_error: float | None = None
     # relative error after each refinement round, for methods that refine (sparse); logged
     refinement: tuple[float, ...] = ()
+
+    def to(self, device: torch.device | str) -> Factors:
+        """The factors (and residual) on `device`; the spectrum too."""
+        return replace(
+            self,
+            left=self.left.to(device),
+            right=self.right.to(device),
+            spectrum=None if self.spectrum is None else self.spectrum.to(device),
+            sparse=None if self.sparse is None else self.sparse.to(device),
+        )
 
     def approximation(self) -> torch.Tensor:
         """The dense (out, in) matrix the factors (and the sparse residual) represent."""

@@ -94,7 +94,7 @@ def row_least_squares(
     batches of similar support size, padded with identity."""
     counts = torch.bincount(rows, minlength=target.shape[0])  # (out,)
     starts = counts.cumsum(0) - counts  # (out,)
-    values = torch.zeros(len(rows), dtype=torch.float64)  # (nnz,)
+    values = torch.zeros(len(rows), dtype=torch.float64, device=target.device)  # (nnz,)
     active = counts.nonzero().flatten()
     active = active[torch.argsort(counts[active], stable=True)]
     reduction, begin = 0.0, 0
@@ -109,8 +109,9 @@ def row_least_squares(
             end = begin + max(1, (end - begin) // 2)
         chunk = active[begin:end]  # (n,)
         width = int(counts[chunk].max())
-        valid = torch.arange(width) < counts[chunk, None]  # (n, k)
-        slot = torch.where(valid, starts[chunk, None] + torch.arange(width), 0)  # (n, k)
+        positions = torch.arange(width, device=target.device)  # (k,)
+        valid = positions < counts[chunk, None]  # (n, k)
+        slot = torch.where(valid, starts[chunk, None] + positions, 0)  # (n, k)
         col = torch.where(valid, cols[slot], 0)  # (n, k)
         pair = valid[:, :, None] & valid[:, None, :]  # (n, k, k)
         block = torch.where(pair, gram[col[:, :, None], col[:, None, :]], 0.0)  # (n, k, k)

@@ -72,6 +72,12 @@ class CSR:
     def nnz(self) -> int:
         return int(self.values.numel())
 
+    def to(self, device: torch.device | str) -> CSR:
+        return CSR(
+            self.crow_indices.to(device), self.col_indices.to(device), self.values.to(device),
+            self.shape,
+        )  # fmt: skip
+
     @classmethod
     def from_entries(
         cls, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
@@ -81,17 +87,18 @@ class CSR:
         order = torch.argsort(rows.long() * in_features + cols.long())  # (nnz,) row-major
         rows, cols, values = rows[order].long(), cols[order], values[order]
         counts = torch.bincount(rows, minlength=out_features)  # (out,)
-        crow = torch.zeros(out_features + 1, dtype=torch.int32)
+        crow = torch.zeros(out_features + 1, dtype=torch.int32, device=rows.device)
         crow[1:] = counts.cumsum(0).to(torch.int32)
         return cls(crow, cols.to(index_dtype(in_features)), values, shape)
 
     def rows(self) -> torch.Tensor:
         """Row index of every stored entry (nnz,) int64."""
         counts = self.crow_indices.long().diff()  # (out,)
-        return torch.repeat_interleave(torch.arange(self.shape[0]), counts)
+        rows = torch.arange(self.shape[0], device=counts.device)  # (out,)
+        return torch.repeat_interleave(rows, counts)
 
     def to_dense(self) -> torch.Tensor:
-        dense = torch.zeros(self.shape, dtype=self.values.dtype)  # (out, in)
+        dense = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
         dense[self.rows(), self.col_indices.long()] = self.values
         return dense
 

@@ -46,6 +46,9 @@ class Loaded:
     model: nn.Module
     tokenizer: object | None
     source: str
+    # the dtype the source stores its weights in (the model is loaded in float32 whatever it
+    # is): a compressed model is saved in it unless the recipe says otherwise
+    dtype: str = "float32"
 
 
 def _drop_gguf_quantization(model: nn.Module) -> None:
@@ -111,7 +114,19 @@ def load_hf_dir(path: Path, trust_remote_code: bool = False) -> Loaded:
         str(path), dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
     )
     own_memory(model)
-    return Loaded(model.eval(), load_tokenizer(path, trust_remote_code), str(path))
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    return Loaded(model.eval(), tokenizer, str(path), stored_dtype(read_config(path)))
+
+
+SAVED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def stored_dtype(config: dict) -> str:
+    """The weights' dtype a config.json names (`dtype`, or the older `torch_dtype`); float32
+    when it names none or one rankwise does not save (e.g. float64)."""
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    name = name.removeprefix("torch.")
+    return name if name in SAVED_DTYPES else "float32"
 
 
 # Any of these marks a saved tokenizer. Without one, AutoTokenizer (transformers 5) builds an

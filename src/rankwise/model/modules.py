@@ -60,8 +60,11 @@ def as_linear(module: nn.Module) -> nn.Module:
     return conv1d_to_linear(module) if is_conv1d(module) else module
 
 
-def cast_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A read-only copy of `module` with its floating tensors in `dtype`, frozen.
+def cast_copy(
+    module: nn.Module, dtype: torch.dtype, device: torch.device | str | None = None
+) -> nn.Module:
+    """A read-only copy of `module` with its floating tensors in `dtype` (on `device`, the
+    execution device, when given), frozen.
 
     `copy.deepcopy(model).to(dtype)` holds a second full-precision model before converting it
     (+540 MB on the default). Here the converted tensors are made first and handed to deepcopy,
@@ -76,6 +79,8 @@ def cast_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
         data = tensor.detach()
         if data.is_floating_point():
             data = data.to(dtype)
+        if device is not None:
+            data = data.to(device)
         if data.is_inference():  # factors made under inference_mode cannot join autograd
             data = data.clone()
         is_param = isinstance(tensor, nn.Parameter)

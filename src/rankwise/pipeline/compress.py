@@ -38,7 +38,7 @@ from rankwise.calibration.gather import gather_statistics
 from rankwise.calibration.run import CalibrationRun
 from rankwise.calibration.statistics import Statistics
 from rankwise.core.errors import NonFiniteWeightsError
-from rankwise.core.hardware import resolve_dtypes
+from rankwise.core.hardware import resolve_device, resolve_dtypes
 from rankwise.core.progress import Reporter, Timer
 from rankwise.core.recipe import Recipe
 from rankwise.methods import Factors, LayerStats, Method, MethodOptions, get_method
@@ -46,6 +46,7 @@ from rankwise.model.accounting import LayerShape, count_parameters
 from rankwise.model.layers import factored_layer
 from rankwise.model.modules import as_linear, linear_weight, set_module
 from rankwise.model.targets import find_targets
+from rankwise.pipeline.modular import compress_modular
 from rankwise.storage.manifest import LayerEntry
 
 
@@ -79,6 +80,14 @@ class Compressed:
         return 1.0 - self.model_params_after / self.model_params_before
 
 
+def output_dtype(recipe: Recipe, model: nn.Module) -> str:
+    """The saved weights' dtype: the recipe's, or ("auto") the dtype the model holds (the CLI
+    passes the source's, since it loads every source in float32)."""
+    if recipe.dtype != "auto":
+        return recipe.dtype
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def check_finite(model: nn.Module, names: list[str]) -> None:
     for name in names:
         if not torch.isfinite(linear_weight(model.get_submodule(name))).all():
@@ -101,10 +110,14 @@ def factorize_layer(
     method: Method,
     stats: LayerStats,
     options: MethodOptions,
+    device: torch.device | None = None,
 ) -> Factors:
-    """Replace one target by its factors (in place) and return them."""
+    """Replace one target by its factors (in place) and return them. The math runs on `device`
+    (where the statistics are); the factors come back to where the model's weight is."""
     module = as_linear(model.get_submodule(name))
-    factors = method.factorize(module.weight.detach(), stats, rank, options)
+    home = module.weight.device
+    weight = module.weight.detach().to(device or home)
+    factors = method.factorize(weight, stats, rank, options).to(home)
     bias = module.bias.detach() if module.bias is not None else None
     # Block-by-block runs factorize inside the calibration's inference_mode: the layer's own
     # tensors are made outside it, or recovery could not train them (inference tensors never
@@ -113,6 +126,17 @@ def factorize_layer(
         layer = factored_layer(factors.left, factors.right, factors.sparse, bias)
     set_module(model, name, layer)
     return factors
+
+
+def stats_on(run: CalibrationRun, stats: LayerStats) -> LayerStats:
+    """A layer's statistics on the run's device; a gram shared by several layers (gate/up,
+    q/k/v) moves once, through the run's GramCache, so it stays shared there."""
+    gram = stats.input_gram
+    moved = stats.to(run.device)
+    if gram is not None and gram.device != run.device:
+        move = lambda: gram.to(run.device)  # noqa: E731
+        moved.input_gram = run.options.cache.get("on device", gram, 0.0, move)
+    return moved
 
 
 class LayerLoop:
@@ -129,7 +153,10 @@ class LayerLoop:
         bias = as_linear(run.model.get_submodule(name)).bias is not None
         error, nnz, rounds_ = 0.0, 0, ""
         if rank is not None:
-            factors = factorize_layer(run.model, name, rank, run.method, stats, run.options)
+            on_device = stats_on(run, stats)
+            factors = factorize_layer(
+                run.model, name, rank, run.method, on_device, run.options, run.device
+            )
             error = factors.rel_error
             if error is None:
                 error = relative_error(factors.spectrum, rank)
@@ -162,9 +189,13 @@ def compress(
     With `recipe.sequential`, each block's statistics are gathered after the blocks before it
     were compressed, so later layers correct for earlier errors.
     """
+    if recipe.method == "modular" or recipe.portable:  # narrowed MLPs: pipeline/modular.py
+        return Compressed(**compress_modular(model, recipe, tokenizer, windows, reporter))
     reporter = reporter or Reporter()
-    recipe, dtype_line = resolve_dtypes(recipe)
-    reporter.log(dtype_line)
+    device = resolve_device(recipe.device)
+    recipe, dtype_line = resolve_dtypes(recipe, device)
+    recipe = recipe.merged(device=str(device), dtype=output_dtype(recipe, model))
+    reporter.log(f"{dtype_line}; device {device}; saved weights in {recipe.dtype}")
     model.eval()
     names = find_targets(model, recipe.targets, recipe.ignore)
     check_finite(model, names)
@@ -308,6 +339,7 @@ class BlockByBlock(_Blockwise):
         calibrate.collect_grams(
             run.model, run.names, run.token_windows(), run.dtype,
             after_block=self.on_group(loop), output_grams=run.method.output_grams,
+            device=run.device,
         )  # fmt: skip
 
 
@@ -321,7 +353,7 @@ class Sequential(_Blockwise):
         run = self.run
         staged.compress_sequential(
             run.model, run.names, run.token_windows(), run.dtype, self.on_group(loop),
-            run.method.output_grams, staged=self.staged,
+            run.method.output_grams, staged=self.staged, device=run.device,
         )  # fmt: skip
 
 

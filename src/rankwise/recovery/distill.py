@@ -123,7 +123,8 @@ class Distiller:
             betas=(0.9, 0.95),
             weight_decay=config.weight_decay,
         )
-        self.dtype_choice = choose_dtype(config.dtype)
+        self.device = next(student.parameters()).device
+        self.dtype_choice = choose_dtype(config.dtype, self.device)
         self.autocast_dtype = self.dtype_choice.dtype
 
     def _teacher_outputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -135,7 +136,7 @@ class Distiller:
 
     def _autocast(self) -> torch.autocast:
         enabled = self.autocast_dtype != torch.float32
-        return torch.autocast("cpu", dtype=self.autocast_dtype, enabled=enabled)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled)
 
     def loss(self, batch: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         """Distillation loss of the student on `batch` (batch, seq), with its graph; `indices`
@@ -143,7 +144,8 @@ class Distiller:
         if self.cache is not None:
             with self._autocast():
                 logits = self.student(input_ids=batch, use_cache=False).logits
-            return top_k_kl(logits, *self.cache.batch(indices))
+            values, ids = self.cache.batch(indices)
+            return top_k_kl(logits, values.to(self.device), ids.to(self.device))
         teacher_logits, teacher_hidden = self._teacher_outputs(batch)
         want_hidden = teacher_hidden is not None
         with self._autocast():
@@ -160,7 +162,7 @@ class Distiller:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(batch, indices)
+        loss = self.loss(batch.to(self.device), indices)
         if not torch.isfinite(loss):
             raise RankwiseError(f"recovery diverged at step {step}: loss {float(loss)}")
         loss.backward()
@@ -208,29 +210,37 @@ def recover(
     reporter: Reporter | None = None,
     checkpoints: Checkpoints | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    device: torch.device | None = None,
 ) -> RecoverLog:
     """Train the student's factors for `config.steps` steps on `windows` (count, seq_len).
 
     `teacher` is the original model, or a function that loads it (with `teacher_topk`, it is
     then loaded only for the top-k pass and freed). With `checkpoints`, the state is saved every
     `checkpoint_every` steps, and a run whose checkpoint directory holds one continues from the
-    latest; the teacher cache lives there too.
+    latest; the teacher cache lives there too. With `device`, student and teacher train there,
+    and the student comes back to where it was.
     """
     reporter = reporter or Reporter()
     check_windows(windows, config)
+    home = next(student.parameters()).device
+    device = device or home
+    student.to(device)
+
+    def on_device(model: nn.Module) -> nn.Module:
+        return model.to(device)
+
     student.eval()  # no dropout: a step is a pure function of the weights and the batch
     cache = None
     if config.teacher_topk:
         with tempfile.TemporaryDirectory() as scratch:
             where = checkpoints.directory if checkpoints is not None else Path(scratch)
-            cache = cached_teacher(
-                teacher, windows, config, where / "teacher.safetensors", reporter
-            )
+            loader = teacher if isinstance(teacher, nn.Module) else lambda: on_device(teacher())
+            cache = cached_teacher(loader, windows, config, where / "teacher.safetensors", reporter)
         teacher = None
     elif callable(teacher) and not isinstance(teacher, nn.Module):
         teacher = teacher()
     if teacher is not None:
-        teacher.eval()
+        on_device(teacher).eval()
     distiller = Distiller(student, teacher, config, cache)
     choice = distiller.dtype_choice
     reporter.log(f"recovery dtype {choice.name}: {choice.reason}")
@@ -259,4 +269,5 @@ def recover(
             ):
                 checkpoints.save(done, distiller.params, distiller.optimizer, log.losses)
     student.requires_grad_(False)
+    student.to(home)
     return log

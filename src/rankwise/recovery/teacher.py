@@ -65,12 +65,14 @@ class TeacherCache:
             self.targets = load_file(str(self.path))
             if all(f"values/{i}" in self.targets for i in indices):
                 return
+        device = next(teacher.parameters()).device
         with torch.inference_mode():
             for index in indices:
-                logits = teacher(input_ids=windows[index : index + 1], use_cache=False).logits
+                window = windows[index : index + 1].to(device)
+                logits = teacher(input_ids=window, use_cache=False).logits
                 values, ids = top_k_targets(logits[0], self.k)  # (seq, k) each
-                self.targets[f"values/{index}"] = values
-                self.targets[f"ids/{index}"] = ids
+                self.targets[f"values/{index}"] = values.cpu()  # the file is written from here
+                self.targets[f"ids/{index}"] = ids.cpu()
                 if advance:
                     advance(1)
         self.path.parent.mkdir(parents=True, exist_ok=True)

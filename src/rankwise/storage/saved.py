@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -21,7 +22,8 @@ from rankwise.core.hardware import machine_line
 from rankwise.model.files import check_weights, read_config
 from rankwise.model.layers import LowRankLinear, SparseLowRankLinear
 from rankwise.model.loading import Loaded, load_tokenizer, model_class_for
-from rankwise.model.modules import set_module, state_for_saving
+from rankwise.model.modules import linear_weight, set_module, state_for_saving
+from rankwise.model.narrow import narrowed_like
 from rankwise.storage.manifest import FORMAT_VERSION, LayerEntry, Manifest, MergeDecision
 from rankwise.storage.merge import apply_merge_policy, apply_stored_decision, merge_decision
 
@@ -57,6 +59,9 @@ def current_entries(model: nn.Module, entries: list[LayerEntry]) -> list[LayerEn
             update = {"rank": module.rank, "nnz": nnz, "bias": module.bias is not None}
         else:
             update = {"rank": None, "nnz": 0, "bias": getattr(module, "bias", None) is not None}
+            out, inp = linear_weight(module).shape  # a modular run's narrowed layer: its width
+            update["kept_out"] = out if out != entry.out_features else None
+            update["kept_in"] = inp if inp != entry.in_features else None
         current.append(entry.model_copy(update=update))
     return current
 
@@ -76,8 +81,9 @@ def save_compressed(
     tokenizer: object | None = None,
     recipe_yaml: str | None = None,
     overwrite: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write the model and its manifest to `out` atomically.
+    """Write the model and its manifest to `out` atomically, floating weights in `dtype`.
 
     The manifest's layers are re-read from the model's modules, and the merge decision is made
     here, once, for every `rankwise.load` of the directory (storage/merge.py)."""
@@ -90,13 +96,18 @@ def save_compressed(
             "version": FORMAT_VERSION,
         }
     )
+    state = {
+        key: tensor.to(dtype) if tensor.is_floating_point() else tensor
+        for key, tensor in state_for_saving(model).items()
+    }
     with atomic_directory(out) as tmp:
         model.config.rankwise = manifest.to_block()
+        model.config.dtype = dtype  # what transformers reads to load the weights as they are
         model.config.save_pretrained(tmp)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and getattr(model, "can_generate", lambda: False)():
             generation_config.save_pretrained(tmp)
-        save_file(state_for_saving(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if recipe_yaml is not None:
@@ -136,6 +147,10 @@ def load_compressed(path: str | Path, merge_policy: str | None = "never") -> Loa
     )
     for name, entry in manifest.factorized().items():
         set_module(model, name, layer_from_entry(entry))
+    for entry in manifest.layers:  # narrowed dense layers (modular), shaped as saved
+        if entry.narrowed and not entry.factorized:
+            out, inp = entry.kept_out or entry.out_features, entry.kept_in or entry.in_features
+            set_module(model, entry.name, narrowed_like(model.get_submodule(entry.name), out, inp))
     state = load_file(str(path / WEIGHTS))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = _tied_keys(model)
