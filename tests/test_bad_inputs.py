@@ -18,7 +18,7 @@ import torch
 from conftest import make_model, make_windows, model_output, word_text, word_tokenizer
 
 import rankwise
-import rankwise.cli.commands
+import rankwise.cli.compress
 from rankwise.cli.app import main
 from rankwise.core.errors import CalibrationError, ModelNotFoundError, OutputNotWritableError
 from rankwise.core.recipe import Recipe
@@ -147,7 +147,7 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the options were checked")
 
-    monkeypatch.setattr(rankwise.cli.commands, "load_model", refuse)
+    monkeypatch.setattr(rankwise.cli.compress, "load_model", refuse)
 
 
 def test_an_unknown_method(in_tmp: Path, no_loading: None, monkeypatch, capsys) -> None:
@@ -257,7 +257,7 @@ def test_an_internal_bug_is_not_dressed_as_a_user_error(
     def broken(*args: object, **kwargs: object) -> None:
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(rankwise.cli.commands, "compress", broken)
+    monkeypatch.setattr(rankwise.cli.compress, "compress", broken)
     monkeypatch.setattr(sys, "argv", ["rankwise", *compress_args(dense_dir)])
     with pytest.raises(ZeroDivisionError):
         main()  # the installed command then exits 1 with the traceback

@@ -13,7 +13,7 @@ import torch
 from conftest import make_model, model_output, saved_targets, word_text, word_tokenizer
 
 import rankwise
-from rankwise.cli.app import _split
+from rankwise.cli.flags import YAML_ONLY, recipe_command, recipe_flags, recipe_from_flags, split
 from rankwise.core.errors import RatioError, RecipeError
 from rankwise.core.recipe import LayerOverride, Recipe
 from rankwise.model.layers import LowRankLinear
@@ -247,21 +247,113 @@ def test_merged_flags_are_validated() -> None:
 
 
 def test_comma_separated_flags() -> None:
-    assert _split(None) is None
-    assert _split("") is None
-    assert _split(r"q_proj$,k_proj$") == ["q_proj$", "k_proj$"]
-    assert _split("a,,b,") == ["a", "b"]
+    assert split(None) is None
+    assert split("") is None
+    assert split(r"q_proj$,k_proj$") == ["q_proj$", "k_proj$"]
+    assert split("a,,b,") == ["a", "b"]
+
+
+def compress_params() -> dict[str, object]:
+    import typer
+
+    from rankwise.cli.app import app
+
+    command = typer.main.get_command(app).commands["compress"]
+    return {param.name: param for param in command.params}
 
 
 def test_every_recipe_field_is_a_flag_or_documented_as_yaml_only() -> None:
-    import typer
-
-    from rankwise.cli.app import YAML_ONLY, app
-
-    command = typer.main.get_command(app).commands["compress"]
-    flags = {param.name for param in command.params}
+    flags = compress_params()
     missing = [f for f in Recipe.model_fields if f not in flags and f not in YAML_ONLY]
     assert missing == []
     page = (Path(__file__).parents[1] / "docs" / "recipe.md").read_text()
     assert all(f"| `{field}` |" in page for field in Recipe.model_fields)
     assert all(f"| `{field}` | YAML only" in page for field in YAML_ONLY)
+    for flag in recipe_flags():  # the page names each flag as the command spells it
+        dashed = flag.name.replace("_", "-")
+        assert f"`--{dashed}" in page, dashed
+
+
+def test_the_recipe_flags_are_the_recipe_fields() -> None:
+    """Every scalar field is a flag with its description as help, and nothing else is: a new
+    field needs no change to the CLI."""
+    params = compress_params()
+    generated = {flag.name for flag in recipe_flags()}
+    expected = set(Recipe.model_fields) - set(YAML_ONLY) - {"model"}
+    assert generated == expected | {"recover_steps", "recover_lr"}
+    assert generated <= set(params)
+    for name in expected:
+        field = Recipe.model_fields[name]
+        assert field.description and field.description in params[name].help
+        assert params[name].default is None  # unset: the recipe's value stays
+    assert params["sequential"].opts == ["--sequential"]
+    assert params["sequential"].secondary_opts == ["--no-sequential"]
+    assert "uniform | importance" in params["allocation"].help
+    assert "comma-separated" in params["targets"].help
+
+
+def test_a_new_recipe_field_becomes_a_flag() -> None:
+    from typing import Literal
+
+    import typer
+    from pydantic import Field
+    from typer.testing import CliRunner
+
+    class Grown(Recipe):
+        knob: int = Field(default=3, ge=1, description="a new knob")
+        mode: Literal["a", "b"] = Field(default="a", description="a new choice")
+        tags: list[str] = Field(default_factory=list, description="new regexes")
+        fast: bool = Field(default=False, description="a new switch")
+
+    seen: list[Recipe] = []
+    app = typer.Typer()
+
+    @app.command()
+    @recipe_command(Grown)
+    def run(model: str, **flags: object) -> None:
+        seen.append(recipe_from_flags(Grown(), flags, model=model))
+
+    @app.command()
+    def other() -> None:  # two commands: `run` is then a subcommand, as in rankwise
+        pass
+
+    args = ["run", "m", "--knob", "5", "--mode", "b", "--tags", "x,y", "--fast", "--ratio", "0.5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert seen[-1] == Grown(model="m", knob=5, mode="b", tags=["x", "y"], fast=True, ratio=0.5)
+    result = CliRunner().invoke(app, ["run", "m"])
+    assert result.exit_code == 0 and seen[-1] == Grown(model="m")
+    with pytest.raises(RecipeError, match="mode"):
+        recipe_from_flags(Grown(), {"mode": "c"})  # a bad choice: the recipe's one-line error
+
+
+def test_a_field_no_flag_can_carry_must_be_declared_yaml_only() -> None:
+    from pydantic import BaseModel
+
+    class Part(BaseModel):
+        x: int = 0
+
+    class Grown(Recipe):
+        parts: list[Part] = []
+
+    with pytest.raises(TypeError, match="YAML_ONLY"):
+        recipe_flags(Grown)
+
+
+def test_flags_over_a_recipe_file(tmp_path: Path) -> None:
+    base = full_recipe()
+    values = {flag.name: None for flag in recipe_flags()}
+    assert recipe_from_flags(base, values, model=base.model) == base  # nothing given: unchanged
+    values.update(ratio=0.5, ignore="a,b", recover_steps=7, sequential=False)
+    merged = recipe_from_flags(base, values, model="other")
+    assert merged.model == "other" and merged.ratio == 0.5 and merged.ignore == ["a", "b"]
+    assert merged.recover.steps == 7 and merged.recover.lr == base.recover.lr
+    assert merged.sequential is False and merged.overrides == base.overrides
+
+
+def test_a_bad_choice_is_one_error_line(tmp_path: Path) -> None:
+    result = cli("compress", "default", "--allocation", "greedy", "--out", "X", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "allocation" in lines[0]
+    assert list(tmp_path.iterdir()) == []

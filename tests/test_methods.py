@@ -15,7 +15,7 @@ from rankwise.core.errors import CalibrationError, RankwiseError
 from rankwise.methods import REGISTRY, LayerStats, MethodOptions, get_method
 from rankwise.methods.base import split_singular
 from rankwise.methods.whiten import whitening_basis
-from rankwise.pipeline.compress import relative_error
+from rankwise.pipeline.layer_loop import relative_error
 
 METHODS = sorted(REGISTRY)
 OUT, IN, TOKENS = 24, 32, 200

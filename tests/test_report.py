@@ -16,7 +16,7 @@ from conftest import make_model, make_windows
 from test_cli import cli, error_lines
 
 import rankwise
-from rankwise.cli.commands import run_report
+from rankwise.cli.report import run_report
 from rankwise.core.errors import ModelNotFoundError, OutputExistsError, RankwiseError
 from rankwise.core.recipe import LayerOverride, Recipe
 from rankwise.report.html import read_runs
@@ -213,7 +213,7 @@ def test_compress_eval_stores_figures_for_the_report(tmp_path: Path) -> None:
     """`compress --eval` keeps its perplexities in DIR/eval.json; the report shows them."""
     from conftest import word_tokenizer
 
-    from rankwise.cli.commands import run_compress
+    from rankwise.cli.compress import run_compress
 
     model = make_model("llama", max_position_embeddings=600)
     model.save_pretrained(tmp_path / "dense")

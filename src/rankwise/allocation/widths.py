@@ -21,7 +21,7 @@ from rankwise.core.errors import RatioError
 
 @dataclass(frozen=True)
 class StepCurve:
-    """One unit of the budget: `steps` kept cost `steps * step_params`; dense costs `dense_params`."""
+    """One unit of the budget: `steps` kept cost `steps * step_params`, dense `dense_params`."""
 
     name: str
     gains: torch.Tensor  # (n,) float64: estimated loss removed by step i
@@ -79,7 +79,9 @@ def spend(curves: list[StepCurve], budget: float) -> dict[str, int | None]:
         kept = steps[curve.name]
         if kept is None or curve.name in closed:
             continue
-        cost = curve.step_params if kept < curve.max_steps else curve.dense_params - curve.cost(kept)
+        cost = (
+            curve.step_params if kept < curve.max_steps else curve.dense_params - curve.cost(kept)
+        )
         if cost > budget:
             closed.add(curve.name)
             continue

@@ -285,6 +285,17 @@ def compress_block_in_stages(job: BlockJob, need_outputs: bool = True) -> list[t
     return outputs
 
 
+@dataclass
+class BlockProgress:
+    """Where a sequential pass starts (a resumed run: after the last finished block, with that
+    block's outputs) and who hears of each finished block (to checkpoint it)."""
+
+    start: int = 0  # the first block to run
+    hidden: list[torch.Tensor] | None = None  # per batch: block `start`'s inputs, if resumed
+    # (block index, its outputs = the next block's inputs) after each block holding targets
+    block_done: Callable[[int, list[torch.Tensor]], None] | None = None
+
+
 def compress_sequential(
     model: nn.Module,
     names: list[str],
@@ -295,14 +306,18 @@ def compress_sequential(
     batch_size: int = 4,
     staged: bool = True,
     device: torch.device | None = None,
+    progress: BlockProgress | None = None,
 ) -> None:
     """Sequential calibration and factorization of every target, block by block: in stages,
     or (`staged=False`, and for blocks that cannot be staged) dense grams then recompute."""
+    progress = progress or BlockProgress()
     list_name, blocks = find_blocks(model, names)
     used = used_blocks(model, names)
     inputs = capture_inputs(model, blocks[0], windows, batch_size, dtype, device=device)
     hidden = inputs.hidden
-    for index in range(used[-1] + 1):
+    if progress.hidden is not None:  # resumed: the saved inputs of the first block to run
+        hidden = [h.to(device) if device is not None else h for h in progress.hidden]
+    for index in range(progress.start, used[-1] + 1):
         release_freed_memory()  # the last block's copies, grams and outputs
         prefix = f"{list_name}.{index}."
         local = [n[len(prefix) :] for n in names if n.startswith(prefix)]
@@ -315,6 +330,8 @@ def compress_sequential(
                 outputs = compress_block_in_stages(job, need_outputs=index < used[-1])
             if outputs is None:  # not staged: dense grams, then the compressed block's outputs
                 outputs = _dense_then_compressed(job)
+            if progress.block_done is not None:
+                progress.block_done(index, outputs)
         elif index < used[-1]:
             with torch.inference_mode():
                 outputs = forward_all(cast_copy(blocks[index], dtype, device), hidden, inputs)

@@ -1,4 +1,4 @@
-"""Recovery and truncation commands: `compress --recover-steps`, `recover`, `truncate`.
+"""`rankwise recover` and `rankwise truncate`, and the recovery `compress --recover-steps` runs.
 
 The training loop is in recover.py and the factor math in truncate.py; this module loads the
 models, finds the text, keeps the checkpoints beside the output and saves the result.
@@ -6,10 +6,15 @@ models, finds the text, keeps the checkpoints beside the output and saves the re
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from rankwise.cli import output
 from rankwise.core.errors import RankwiseError
+from rankwise.core.hardware import resolve_device
 from rankwise.core.progress import Reporter, cli_reporter
 from rankwise.core.recipe import Recipe, check_ratio
 from rankwise.data import corpora
@@ -21,6 +26,52 @@ from rankwise.recovery.truncate import fixed_params, proportional_ranks, truncat
 from rankwise.storage.manifest import Manifest
 from rankwise.storage.saved import check_output, save_compressed
 from rankwise.storage.sources import load_model
+
+
+def recover_command(
+    directory: Annotated[Path, typer.Argument(help="compressed model directory")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
+    steps: Annotated[int, typer.Option(help="distillation steps")] = 200,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="windows per step")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="tokens per window")] = None,
+    hidden_weight: Annotated[
+        float | None, typer.Option(help="weight of last-hidden-state matching")
+    ] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="steps between checkpoints")] = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="teacher model (default: the directory's source model)")
+    ] = None,
+    teacher_topk: Annotated[
+        int | None, typer.Option(help="precompute the teacher's top-k logits to disk (0: live)")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the loss log")] = None,
+) -> None:
+    """Distil the source model into DIRECTORY's factors and write the result to --out."""
+    settings = {
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "hidden_weight": hidden_weight,
+        "checkpoint_every": checkpoint_every,
+        "teacher_topk": teacher_topk,
+    }
+    log = run_recover(directory, out, settings, overwrite, resume, teacher)
+    if json_out:
+        json_out.write_text(json.dumps(log, indent=2))
+
+
+def truncate_command(
+    directory: Annotated[Path, typer.Argument(help="compressed (e.g. recovered) directory")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
+    ratio: Annotated[float, typer.Option(help="new fraction of targeted params removed")],
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
+) -> None:
+    """Re-factorize every factor pair to a lower rank (same shape of allocation)."""
+    run_truncate(directory, out, ratio, overwrite)
 
 
 def saved_recipe(directory: str | Path) -> Recipe:
@@ -54,7 +105,8 @@ def recover_model(
     checkpoints = checkpoints_for(out, recipe)
     if not resume:
         checkpoints.clear()
-    log = recover(student, teacher, windows, settings, reporter, checkpoints)
+    device = resolve_device(recipe.device)
+    log = recover(student, teacher, windows, settings, reporter, checkpoints, device=device)
     checkpoints.clear()
     reporter.log(
         f"recovery: {settings.steps} steps in {log.seconds:.1f}s "

@@ -73,7 +73,7 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(default="default", description="'default', a HF directory or a .gguf file")
-    method: str = Field(default="whiten", description="svd | fwsvd | whiten | sparse")
+    method: str = Field(default="whiten", description="svd | fwsvd | whiten | sparse | modular")
     ratio: float = Field(default=0.2, description="fraction of the targeted parameters removed")
     # importance: measured better than uniform at every ratio (bench/results/allocation.md)
     allocation: Literal["uniform", "importance"] = Field(
@@ -147,6 +147,19 @@ class Recipe(BaseModel):
     # everything dense ("always"); every rankwise.load of the directory applies the decision
     merge_policy: Literal["auto", "never", "always"] = Field(
         default="auto", description="merge factors to dense at save (auto: where faster)"
+    )
+    # modular only (docs/modular.md): one MLP width everywhere, written to the config's
+    # intermediate_size, attention dense: a directory plain transformers loads
+    portable: bool = Field(
+        default=False, description="modular: one MLP width, attention dense, plain HF checkpoint"
+    )
+    # where every phase runs (hardware.resolve_device); the model itself stays on the CPU and
+    # each block is copied to the device for its turn
+    device: str = Field(default="auto", description="auto (CUDA when present) | cpu | cuda:N")
+    # the saved weights' dtype; "auto" keeps the source's (a bf16 directory gives bf16, a GGUF
+    # gives float32); recipe.yaml records the resolved one
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="saved weights' dtype (auto: the source's)"
     )
     # method options
     eig_floor: float = Field(

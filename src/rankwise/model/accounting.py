@@ -42,12 +42,15 @@ class LayerShape:
 
 @dataclass(frozen=True)
 class LayerCount:
-    """One targeted layer as compressed: dense (rank None), or factors with `nnz` residual."""
+    """One targeted layer as compressed: dense (rank None), or factors with `nnz` residual;
+    `kept_out` / `kept_in`: the width a modular run narrowed it to (None: the dense width)."""
 
     out_features: int
     in_features: int
     rank: int | None
     nnz: int = 0
+    kept_out: int | None = None
+    kept_in: int | None = None
 
     @property
     def dense_params(self) -> int:
@@ -55,11 +58,14 @@ class LayerCount:
 
     @property
     def kept_params(self) -> int:
-        """Weight parameters kept; a sparse residual counts its values and indices."""
+        """Weight parameters kept; a sparse residual counts its values and indices, a narrowed
+        layer its narrower shape."""
+        out = self.out_features if self.kept_out is None else self.kept_out
+        inp = self.in_features if self.kept_in is None else self.kept_in
         if self.rank is None:
-            return self.dense_params
-        factors = self.rank * (self.out_features + self.in_features)
-        residual = csr_params(self.nnz, self.out_features, self.in_features) if self.nnz else 0
+            return out * inp
+        factors = self.rank * (out + inp)
+        residual = csr_params(self.nnz, out, inp) if self.nnz else 0
         return factors + residual
 
     @property

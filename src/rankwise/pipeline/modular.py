@@ -44,7 +44,6 @@ from rankwise.core.errors import (
     RatioError,
     RecipeError,
 )
-from rankwise.core.hardware import resolve_dtypes
 from rankwise.core.progress import Reporter, Timer
 from rankwise.core.recipe import Recipe
 from rankwise.methods import LayerStats, get_method
@@ -279,12 +278,12 @@ def compress_modular(
     windows: torch.Tensor | None = None,
     reporter: Reporter | None = None,
 ) -> dict[str, object]:
-    """Compress `model` in place by modular decomposition; the fields of a `Compressed`."""
+    """Compress `model` in place by modular decomposition; the fields of a `Compressed`.
+
+    Called by compress(), which has resolved the recipe's dtypes and device."""
     if recipe.method != "modular":
         raise RecipeError(f"portable needs --method modular (got '{recipe.method}')")
     reporter = reporter or Reporter()
-    recipe, dtype_line = resolve_dtypes(recipe)
-    reporter.log(dtype_line)
     model.eval()
     names = find_targets(model, recipe.targets, recipe.ignore)
     check_finite(model, names)

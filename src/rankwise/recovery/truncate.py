@@ -72,6 +72,11 @@ def proportional_ranks(
     """New ranks, each layer's rank times one factor, so the targeted layers lose `ratio` of
     their dense parameters (`dense_params`); `kept_dense_layers` parameters (dense layers,
     sparse residuals: `fixed_params`) stay as they are."""
+    if not layers:  # e.g. a portable modular model: narrowed MLPs are plain dense layers
+        raise RatioError(
+            "the model has no factorized layers to truncate (narrowed MLP layers have no rank "
+            "to cut: compress the source again at the higher ratio)"
+        )
     factor_params = sum(m.rank * (m.in_features + m.out_features) for m in layers.values())
     budget = (1.0 - ratio) * dense_params - kept_dense_layers
     scale = budget / max(factor_params, 1)

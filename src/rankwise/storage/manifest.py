@@ -33,10 +33,19 @@ class LayerEntry(BaseModel):
     rel_error: float | None = None  # the method's relative error; None after truncation
     est_loss: float | None = None  # importance allocation's estimate
     truncation_error: float | None = None  # `rankwise truncate`: weight error of the cut
+    # a modular run's narrowed layer (a plain dense module): outputs / inputs kept (None: all)
+    kept_out: int | None = None
+    kept_in: int | None = None
 
     @property
     def count(self) -> LayerCount:
-        return LayerCount(self.out_features, self.in_features, self.rank, self.nnz)
+        return LayerCount(
+            self.out_features, self.in_features, self.rank, self.nnz, self.kept_out, self.kept_in
+        )
+
+    @property
+    def narrowed(self) -> bool:
+        return self.kept_out is not None or self.kept_in is not None
 
     @property
     def factorized(self) -> bool:
@@ -88,7 +97,12 @@ class Manifest(BaseModel):
         return {layer.name: layer for layer in self.layers}
 
     def to_block(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
+        block = self.model_dump(mode="json", by_alias=True)
+        for layer in block["layers"]:  # full-width layers are written as before modular existed
+            for key in ("kept_out", "kept_in"):
+                if layer[key] is None:
+                    del layer[key]
+        return block
 
     @classmethod
     def from_block(cls, block: dict[str, Any]) -> Manifest:
