@@ -23,6 +23,7 @@ from torch import nn
 
 from rankwise.calibration.blocks import block_output, capture_inputs, find_blocks, used_blocks
 from rankwise.calibration.lm_loss import Head, final_head, has_lm_head, reproduces_loss, sliced_loss
+from rankwise.core import parallel
 from rankwise.core.errors import CalibrationError, RankwiseError
 from rankwise.model.modules import cast_copy
 
@@ -153,4 +154,6 @@ def collect_output_fisher(
                 progress(len(batch))
     finally:
         totals.remove()
-    return {n: (total / tokens).cpu() for n, total in totals.sums.items()}
+    # under torchrun: every rank's windows summed, in the same order on every rank
+    tokens = parallel.reduce_count(tokens, windows.device)
+    return {n: (parallel.reduce_sum(totals.sums[n]) / tokens).cpu() for n in names}

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from rankwise.core import parallel
 from rankwise.core.errors import CalibrationError
 from rankwise.methods.base import LayerStats
 from rankwise.model.modules import linear_weight
@@ -70,6 +71,7 @@ class GramCollector:
         self.tokens: dict[str, int] = {}  # owner -> tokens seen
         # Recent inputs: q/k/v (gate/up) receive the same tensor object one after another.
         self._seen: deque[tuple[torch.Tensor, str]] = deque(maxlen=8)
+        self._reduced = False
         self._handles = [
             root.get_submodule(name).register_forward_pre_hook(self._hook(name)) for name in names
         ] + [
@@ -112,10 +114,13 @@ class GramCollector:
         self.tokens[name] += flat.shape[0]
 
     def stats(self) -> dict[str, LayerStats]:
-        """Grams (one shared object per distinct input) and token counts per target."""
+        """Grams (one shared object per distinct input) and token counts per target; under
+        torchrun, summed over every rank's windows (each rank then holds the same grams)."""
         missing = [n for n in self.names if n not in self.owner]
         if missing:
             raise CalibrationError(f"no input reached {missing[0]} during calibration")
+        if not self._reduced:
+            self._reduce()
         return {
             n: LayerStats(
                 input_gram=self.grams.get(self.owner[n]),
@@ -124,6 +129,18 @@ class GramCollector:
             )
             for n in self.names
         }
+
+    def _reduce(self) -> None:
+        """Sum the grams and token counts over the ranks, in the same order on every rank."""
+        self._reduced = True
+        for name in self.names:
+            if self.owner[name] != name:
+                continue
+            for grams in (self.grams, self.output_grams):
+                if name in grams:
+                    parallel.reduce_sum(grams[name])
+            device = (self.grams.get(name, self.output_grams.get(name))).device
+            self.tokens[name] = parallel.reduce_count(self.tokens[name], device)
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rankwise.core import parallel
 from rankwise.core.errors import CalibrationError
 from rankwise.core.hardware import compute_dtype, resolve_device
 from rankwise.core.progress import Reporter, Timer
@@ -48,21 +49,36 @@ class CalibrationRun:
         """The compute dtype of calibration forwards (statistics stay float64)."""
         return compute_dtype(self.recipe.calib_dtype, self.device)
 
-    def token_windows(self) -> torch.Tensor:
-        """The calibration windows, cut from the text the first time they are needed."""
+    def all_windows(self) -> torch.Tensor:
+        """Every calibration window, cut from the text the first time they are needed."""
         self.windows = resolve_windows(self.recipe, self.tokenizer, self.windows, self.reporter)
         return self.windows
 
+    def token_windows(self) -> torch.Tensor:
+        """This rank's calibration windows (all of them without torchrun)."""
+        return sharded(self.all_windows())
+
     def importance_windows(self) -> torch.Tensor:
-        """The first `importance_samples` calibration windows."""
-        return self.token_windows()[: self.recipe.importance_samples]
+        """This rank's share of the first `importance_samples` calibration windows."""
+        return sharded(self.all_windows()[: self.recipe.importance_samples])
 
     def measure_windows(self) -> torch.Tensor:
-        """`measure_samples` windows after the importance ones (the last ones if none are)."""
-        windows, recipe = self.token_windows(), self.recipe
+        """`measure_samples` windows after the importance ones (the last ones if none are);
+        not sharded: every rank scores the same windows, so it measures the same loss."""
+        windows, recipe = self.all_windows(), self.recipe
         start = recipe.importance_samples
         after = windows[start : start + recipe.measure_samples]
         return after if len(after) else windows[-recipe.measure_samples :]
+
+
+def sharded(windows: torch.Tensor) -> torch.Tensor:
+    """This rank's disjoint share of `windows`; every rank needs at least one."""
+    size = parallel.world().size
+    if len(windows) < size:
+        raise CalibrationError(
+            f"{len(windows)} calibration windows cannot be shared by {size} processes"
+        )
+    return parallel.shard(windows)
 
 
 def resolve_windows(

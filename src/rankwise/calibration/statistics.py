@@ -26,6 +26,7 @@ from rankwise.calibration.blocks import find_blocks, run_blocks, used_blocks
 from rankwise.calibration.fisher import WholeModelBackward, collect_output_fisher
 from rankwise.calibration.grams import GramCollector, narrow_targets
 from rankwise.calibration.lm_loss import has_lm_head
+from rankwise.core import parallel
 from rankwise.core.errors import CalibrationError, RankwiseError
 from rankwise.methods.base import LayerStats
 from rankwise.model.modules import cast_copy, is_conv1d, linear_weight
@@ -256,6 +257,8 @@ def collect_fisher(
             handle.remove()
         for param, flag in flags.items():
             param.requires_grad_(flag)
+    for name in names:  # under torchrun: every rank's windows summed
+        parallel.reduce_sum(fisher[name])
     return fisher
 
 

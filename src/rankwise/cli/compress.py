@@ -23,8 +23,10 @@ from rankwise.cli.evaluate import (
 )
 from rankwise.cli.flags import recipe_command, recipe_from_flags
 from rankwise.cli.recover import recover_model
+from rankwise.core import parallel
 from rankwise.core.errors import ModelNotFoundError
-from rankwise.core.progress import cli_reporter
+from rankwise.core.hardware import resolve_device
+from rankwise.core.progress import Reporter, cli_reporter
 from rankwise.core.recipe import Recipe
 from rankwise.data import corpora
 from rankwise.evaluation.encoder import is_encoder
@@ -59,7 +61,7 @@ def compress_command(
     figures = run_compress(
         chosen, out, overwrite, evaluate, eval_windows, trust_remote_code, resume
     )
-    if json_out:
+    if json_out and figures:  # under torchrun, rank 0's figures alone
         json_out.write_text(json.dumps(figures, indent=2))
 
 
@@ -94,7 +96,9 @@ def run_compress(
 
     out = check_output(out, overwrite)  # before any work: nothing is written on bad input
     check_before_loading(recipe)
-    reporter = cli_reporter()
+    # under torchrun: join the process group; rank 0 alone prints, recovers, saves, evaluates
+    world = parallel.start(resolve_device(recipe.device))
+    reporter = cli_reporter() if world.is_main else Reporter()
     streams = list(corpora.EVAL_STREAMS)
     start = time.perf_counter()
     with reporter.task(f"loading {recipe.model}") as advance:
@@ -102,18 +106,21 @@ def run_compress(
         advance(1)
     load_seconds = time.perf_counter() - start
     encoder_eval = with_eval and is_encoder(loaded.model)  # no perplexity: embeddings instead
-    with_eval = with_eval and not encoder_eval
+    with_eval = with_eval and not encoder_eval and world.is_main
     eval_tokens = eval_token_windows(loaded, streams, eval_windows) if with_eval else {}
     dense_ppl = dense_perplexity(loaded, recipe.model, eval_tokens, reporter) if with_eval else {}
     if recipe.dtype == "auto":  # every source loads in float32: save in the source's dtype
         recipe = recipe.merged(dtype=loaded.dtype)
     checkpoint = CompressCheckpoint.beside(out)
-    if not resume:
+    if not resume and world.is_main:
         checkpoint.clear()
     start = time.perf_counter()
     result = compress(
         loaded.model, recipe, loaded.tokenizer, reporter=reporter, checkpoint=checkpoint
     )
+    parallel.stop()  # every rank holds the same compressed model now
+    if not world.is_main:
+        return {}
     if recipe.recover.steps:
 
         def teacher() -> object:  # loaded when needed, freed after (see recover.recover)

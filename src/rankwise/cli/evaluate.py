@@ -17,6 +17,7 @@ from rankwise.cli import output
 from rankwise.cli.flags import split
 from rankwise.core.atomic import atomic_write_text
 from rankwise.core.errors import ModelNotFoundError, RankwiseError
+from rankwise.core.hardware import resolve_device
 from rankwise.core.progress import Reporter, cli_reporter
 from rankwise.data import corpora
 from rankwise.evaluation import perplexity as evaluate
@@ -48,13 +49,14 @@ def eval_command(
     reference: Annotated[
         str | None, typer.Option(help="encoders: the original model (default: the source)")
     ] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present) | cpu | cuda:N")] = "cpu",
 ) -> None:
     """Perplexity on the protocol's streams (or lm-eval --tasks; encoders: embedding cosine and
     a topic probe), parameter count and bytes."""
     if tasks:
         figures = run_task_eval(model, split(tasks) or [], limit, num_fewshot, batch_size)
     else:
-        figures = run_eval(model, split(streams) or [], windows, reference, store)
+        figures = run_eval(model, split(streams) or [], windows, reference, store, device)
     if json_out:
         json_out.write_text(json.dumps(figures, indent=2, default=str))
 
@@ -129,11 +131,13 @@ def run_eval(
     windows: int,
     reference: str | None = None,
     store: bool = True,
+    device: str = "cpu",
 ) -> dict[str, object]:
     reporter = cli_reporter()
     with reporter.task(f"loading {spec}") as advance:
         loaded = load_model(spec)
         advance(1)
+    loaded.model.to(resolve_device(device))  # perplexity runs where the model is
     if is_encoder(loaded.model):  # no LM loss: embedding fidelity and a topic probe instead
         return run_encoder_eval(loaded, spec, reference)
     ppl = measure_perplexity(loaded, eval_token_windows(loaded, streams, windows), reporter)

@@ -29,6 +29,7 @@ from rankwise.allocation.plan import (
 from rankwise.calibration.blocks import find_blocks
 from rankwise.calibration.run import CalibrationRun
 from rankwise.calibration.staged import BlockProgress
+from rankwise.core import parallel
 from rankwise.core.errors import NonFiniteWeightsError
 from rankwise.core.hardware import resolve_device, resolve_dtypes
 from rankwise.core.progress import Reporter, Timer
@@ -40,6 +41,7 @@ from rankwise.model.targets import find_targets
 from rankwise.pipeline.checkpoint import CompressCheckpoint, fingerprint
 from rankwise.pipeline.layer_loop import LayerLoop
 from rankwise.pipeline.modular import compress_modular
+from rankwise.pipeline.sharing import agree_ranks
 from rankwise.pipeline.strategies import Sequential, Strategy, choose_strategy
 from rankwise.storage.manifest import LayerEntry
 
@@ -105,7 +107,7 @@ def compress(
     (pipeline/checkpoint.py; the caller clears the directory for a fresh run).
     """
     reporter = reporter or Reporter()
-    device = resolve_device(recipe.device)
+    device = parallel.local_device(resolve_device(recipe.device))
     recipe, dtype_line = resolve_dtypes(recipe, device)
     recipe = recipe.merged(device=str(device), dtype=output_dtype(recipe, model))
     reporter.log(f"{dtype_line}; device {device}; saved weights in {recipe.dtype}")
@@ -205,6 +207,9 @@ def resumable(
     if not isinstance(strategy, Sequential):
         run.reporter.log("a one-pass run does not checkpoint: --resume starts it again")
         return None
+    if parallel.world().size > 1:
+        run.reporter.log("runs of several processes do not checkpoint yet: --resume starts again")
+        return None
     checkpoint.fingerprint = fingerprint(run.recipe, run.token_windows(), run.model)
     return checkpoint
 
@@ -235,6 +240,8 @@ def allocate(run: CalibrationRun, estimate: Estimate | None) -> Allocation:
     """`plan_ranks`, timed and logged."""
     with run.timer.phase("allocate"):
         allocation = plan_ranks(run.shapes, estimate, run.recipe)
+    agreed = agree_ranks(allocation.ranks, run.names, run.device)
+    allocation = Allocation(agreed, allocation.gains)
     if estimate is not None:
         run.reporter.log(f"importance allocation in {run.timer.seconds['allocate']:.2f} s")
     return allocation

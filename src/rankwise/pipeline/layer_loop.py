@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from rankwise.calibration.run import CalibrationRun
+from rankwise.core import parallel
 from rankwise.methods import Factors, LayerStats, Method, MethodOptions
 from rankwise.model.layers import factored_layer
 from rankwise.model.modules import as_linear, set_module
+from rankwise.pipeline.sharing import owners_by_cost, share
 from rankwise.storage.manifest import LayerEntry
 
 
@@ -33,12 +35,17 @@ def factorize_layer(
     options: MethodOptions,
     device: torch.device | None = None,
 ) -> Factors:
-    """Replace one target by its factors (in place) and return them. The math runs on `device`
-    (where the statistics are); the factors come back to where the model's weight is."""
+    """One target's factors (the model unchanged). The math runs on `device` (where the
+    statistics are); the factors come back to where the model's weight is."""
     module = as_linear(model.get_submodule(name))
     home = module.weight.device
     weight = module.weight.detach().to(device or home)
-    factors = method.factorize(weight, stats, rank, options).to(home)
+    return method.factorize(weight, stats, rank, options).to(home)
+
+
+def install(model: nn.Module, name: str, factors: Factors) -> None:
+    """Replace one target by its factors (in place)."""
+    module = as_linear(model.get_submodule(name))
     bias = module.bias.detach() if module.bias is not None else None
     # Block-by-block runs factorize inside the calibration's inference_mode: the layer's own
     # tensors are made outside it, or recovery could not train them (inference tensors never
@@ -46,7 +53,6 @@ def factorize_layer(
     with torch.inference_mode(False):
         layer = factored_layer(factors.left, factors.right, factors.sparse, bias)
     set_module(model, name, layer)
-    return factors
 
 
 def stats_on(run: CalibrationRun, stats: LayerStats) -> LayerStats:
@@ -61,7 +67,10 @@ def stats_on(run: CalibrationRun, stats: LayerStats) -> LayerStats:
 
 
 class LayerLoop:
-    """Factorizes layers one by one, logging a line per layer and keeping their entries."""
+    """Factorizes layers, logging a line per layer and keeping their manifest entries.
+
+    Under torchrun each layer of a group is factorized by one owner rank (chosen by cost) and
+    its factors broadcast, so every rank installs the same layers (core/parallel.py)."""
 
     def __init__(
         self, run: CalibrationRun, ranks: dict[str, int | None], advance: Callable[[int], None]
@@ -70,18 +79,47 @@ class LayerLoop:
         self.entries: dict[str, LayerEntry] = {}
 
     def __call__(self, name: str, stats: LayerStats) -> None:
-        run, shape, rank = self.run, self.run.shapes[name], self.ranks[name]
+        self.group([name], {name: stats})
+
+    def group(self, names: list[str], stats: dict[str, LayerStats]) -> None:
+        """Factorize and install `names` (a group whose statistics are complete)."""
+        here = parallel.world()
+        if here.size == 1:  # one layer at a time: its factors are installed before the next
+            for name in names:
+                rank = self.ranks[name]
+                self.install(name, None if rank is None else self.factorize(name, stats[name]))
+            return
+        owners = owners_by_cost(
+            [self.run.shapes[n] for n in names if self.ranks[n] is not None], here.size
+        )
+        computed = {n: self.factorize(n, stats[n]) for n, r in owners.items() if r == here.rank}
+        for name in names:
+            factors = None
+            if name in owners:
+                factors = computed.get(name)
+                if here.size > 1:
+                    factors = share(factors, owners[name], self.run.shapes[name], self.run.device)
+            self.install(name, factors)
+
+    def factorize(self, name: str, stats: LayerStats) -> Factors:
+        run, rank = self.run, self.ranks[name]
+        assert rank is not None, "dense layers are not factorized"
+        on_device = stats_on(run, stats)
+        return factorize_layer(
+            run.model, name, rank, run.method, on_device, run.options, run.device
+        )
+
+    def install(self, name: str, factors: Factors | None) -> None:
+        """Put the factors in place (None: the layer stays dense); log and record the layer."""
+        run, shape = self.run, self.run.shapes[name]
         bias = as_linear(run.model.get_submodule(name)).bias is not None
-        error, nnz, rounds_ = 0.0, 0, ""
-        if rank is not None:
-            on_device = stats_on(run, stats)
-            factors = factorize_layer(
-                run.model, name, rank, run.method, on_device, run.options, run.device
-            )
+        rank, error, nnz, rounds_ = None, 0.0, 0, ""
+        if factors is not None:
+            install(run.model, name, factors)
+            rank = factors.left.shape[1]  # a sparse residual spends part of the rank's budget
             error = factors.rel_error
             if error is None:
                 error = relative_error(factors.spectrum, rank)
-            rank = factors.left.shape[1]  # a sparse residual spends part of the rank's budget
             nnz = factors.sparse.nnz if factors.sparse is not None else 0
             if factors.refinement:
                 rounds_ = "  by round " + " ".join(f"{e:.4f}" for e in factors.refinement)

@@ -81,11 +81,7 @@ class _Blockwise:
         return dense_estimate(self.run) if self.run.recipe.allocation == "importance" else None
 
     def on_group(self, loop: LayerLoop) -> Callable[[list[str], dict[str, LayerStats]], None]:
-        def factorize(group_names: list[str], stats: dict[str, LayerStats]) -> None:
-            for name in group_names:
-                loop(name, stats[name])
-
-        return factorize
+        return loop.group
 
 
 class BlockByBlock(_Blockwise):
@@ -141,5 +137,4 @@ class FromStatistics:
 
     def factorize(self, loop: LayerLoop, progress: BlockProgress | None = None) -> None:
         assert self.stats is not None, "estimate() gathers the statistics"
-        for name in self.run.names:
-            loop(name, self.stats.layers[name])
+        loop.group(self.run.names, self.stats.layers)
