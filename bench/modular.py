@@ -49,7 +49,9 @@ def speed(directory: str) -> dict[str, float]:
     workloads = select_workloads(list(WORKLOADS))
     options = BenchOptions(repeats=5, threads=2, memory=False, workloads=workloads)
     figures = bench(directory, "default", options)
-    return {row["workload"]: row["ratio"] for row in figures["rows"]}
+    rows = {row["workload"]: row["ratio"] for row in figures["rows"]}
+    rows.update({f"{row['workload']} bound": row["bound"] for row in figures["rows"]})
+    return rows
 
 
 def recipe_for(kind: str, ratio: float) -> rankwise.Recipe:
@@ -107,8 +109,11 @@ def render(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         ppl, fast = row["perplexity"], row.get("speed", {})
-        prefill = f"{fast['prefill 1x512']:.2f}x" if fast else ""
-        decode = f"{fast['decode 1x64']:.2f}x" if fast else ""
+        bound = {k: fast.get(f"{k} bound") for k in WORKLOADS}
+        prefill, decode = (
+            f"{fast[k]:.2f}x" + (f" (bound {bound[k]:.2f}x)" if bound[k] else "") if fast else ""
+            for k in WORKLOADS
+        )
         lines.append(
             f"| {row['ratio']:g} | {row['kind']} | {row['targeted_ratio']:.2%} | "
             f"{row['params']:,} | {row.get('bytes', 0):,} | {ppl['bbc']:.2f} | {ppl['wiki']:.2f} "
@@ -130,6 +135,7 @@ def main() -> None:
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--workdir", default="/tmp/rankwise-modular")
     parser.add_argument("--render", action="store_true")
+    parser.add_argument("--respeed", action="store_true", help="time the saved models again")
     args = parser.parse_args()
     torch.set_num_threads(2)
     work = Path(args.workdir)
@@ -140,6 +146,9 @@ def main() -> None:
         achieved = None
         for kind in args.kinds.split(","):
             row = run_one(kind, ratio, work, windows, achieved)
+            if args.respeed:
+                row["speed"] = speed(str(work / f"{kind}{round(ratio * 100)}"))
+                (work / f"{kind}{round(ratio * 100)}.json").write_text(json.dumps(row, indent=2))
             achieved = row["targeted_ratio"] if kind == "modular" else achieved
             rows.append(row)
             print(json.dumps(row), flush=True)
